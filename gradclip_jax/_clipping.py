@@ -1,0 +1,302 @@
+"""The fixed-threshold clipping rules as Optax ``GradientTransformation``s.
+
+Each rule is one small pure function over pytrees, built on the kernels of
+:mod:`gradclip_jax._norms` (the same ones :mod:`gradclip_jax.functional` uses), with
+a ``NamedTuple`` state that keeps what a training loop wants to log. Every state has
+``num_clipped``: the number of steps in which the rule changed the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax import _norms
+from gradclip_jax._norms import AxisName
+
+NONFINITE_POLICIES = ("propagate", "zero", "error")
+
+
+def _zero_count():
+  return jnp.zeros((), jnp.int32)
+
+
+# ------------------------------------------------------------------ clip_by_value
+
+
+class ClipByValueState(NamedTuple):
+  """State of :func:`clip_by_value`."""
+  num_clipped: jax.Array  # int32: steps in which some entry hit a bound.
+
+
+def _check_value_bounds(min_value, max_value) -> None:
+  for name, v in (("min_value", min_value), ("max_value", max_value)):
+    for path, leaf in _norms._leaf_paths(v):  # pylint: disable=protected-access
+      if _norms.is_concrete(leaf) and jnp.isnan(jnp.asarray(leaf)).any():
+        raise ValueError(f"{name}{'' if path == '<root>' else path} is NaN")
+  lo, hi = jax.tree.leaves(min_value), jax.tree.leaves(max_value)
+  if len(lo) == len(hi):
+    for a, b in zip(lo, hi):
+      if _norms.is_concrete(a) and _norms.is_concrete(b) and bool(
+          jnp.any(jnp.asarray(a) > jnp.asarray(b))):
+        raise ValueError(f"clip_by_value needs min_value <= max_value, got "
+                         f"min_value={a} > max_value={b}")
+
+
+def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformation:
+  """Clips every entry of every leaf to ``[min_value, max_value]``.
+
+  ``g <- min(max(g, min_value), max_value)``, elementwise, as TensorFlow's
+  ``tf.clip_by_value``. The bounds may be numbers, JAX scalars (for
+  ``optax.inject_hyperparams``) or pytrees of per-leaf bounds. Each leaf keeps its
+  dtype. Clipping by value changes the gradient's direction; prefer a norm rule
+  unless you port code that clips by value.
+
+  >>> import jax.numpy as jnp, gradclip_jax
+  >>> tx = gradclip_jax.clip_by_value(-1.0, 1.0)
+  >>> g = {"w": jnp.array([-3.0, 0.5, 2.0])}
+  >>> updates, state = tx.update(g, tx.init(g))
+  >>> updates["w"].tolist(), int(state.num_clipped)
+  ([-1.0, 0.5, 1.0], 1)
+
+  Args:
+    min_value: lower bound (number or per-leaf pytree).
+    max_value: upper bound (number or per-leaf pytree); ``min_value > max_value``
+      raises ``ValueError``.
+  """
+  _check_value_bounds(min_value, max_value)
+
+  def init_fn(params):
+    del params
+    return ClipByValueState(num_clipped=_zero_count())
+
+  def update_fn(updates, state, params=None):
+    del params
+    _norms.check_gradient_tree(updates)
+    lo = _norms.broadcast_thresholds("min_value", min_value, updates)
+    hi = _norms.broadcast_thresholds("max_value", max_value, updates)
+    clipped = jax.tree.map(
+        lambda g, a, b: jnp.clip(g, jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)),
+        updates, lo, hi)
+    hit = jnp.zeros((), bool)
+    for g, a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(lo),
+                       jax.tree.leaves(hi)):
+      hit = hit | jnp.any((g < jnp.asarray(a, g.dtype)) | (g > jnp.asarray(b, g.dtype)))
+    return clipped, ClipByValueState(state.num_clipped + hit.astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------- clip_by_norm / average_norm
+
+
+class ClipByNormState(NamedTuple):
+  """State of :func:`clip_by_norm` and :func:`clip_by_average_norm`."""
+  global_norm: jax.Array  # f32: L2 norm of the whole tree before clipping.
+  num_clipped: jax.Array  # int32: steps in which some leaf (or unit) was clipped.
+
+
+def _per_leaf_clip(updates, max_norm, axes, average: bool):
+  """Shared body of the per-leaf rules: (clipped tree, sum of squares, any clipped)."""
+  _norms.check_gradient_tree(updates)
+  thresholds = _norms.broadcast_thresholds("max_norm", max_norm, updates)
+  sq_total = jnp.zeros((), jnp.float32)
+  hit = jnp.zeros((), bool)
+  out = []
+  leaves, treedef = jax.tree.flatten(updates)
+  for g, c in zip(leaves, jax.tree.leaves(thresholds)):
+    norm = _norms.leaf_norm(g, None if average else axes)
+    bound = jnp.asarray(c, jnp.float32) * (g.size if average else 1)
+    scale = _norms.clip_scale(norm, bound)
+    out.append(_norms.apply_scale(g, scale))
+    sq_total = sq_total + jnp.sum(jnp.square(norm))
+    hit = hit | jnp.any(scale < 1)
+  return jax.tree.unflatten(treedef, out), sq_total, hit
+
+
+def _per_leaf_transform(max_norm, axes, average):
+  _norms.check_threshold("max_norm", max_norm)
+
+  def init_fn(params):
+    del params
+    return ClipByNormState(global_norm=jnp.zeros((), jnp.float32),
+                           num_clipped=_zero_count())
+
+  def update_fn(updates, state, params=None):
+    del params
+    clipped, sq, hit = _per_leaf_clip(updates, max_norm, axes, average)
+    return clipped, ClipByNormState(
+        global_norm=_norms.safe_root(sq, 2.0),
+        num_clipped=state.num_clipped + hit.astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_norm(max_norm: Any, axes: Any = None) -> optax.GradientTransformation:
+  """Clips each leaf (or each slice along ``axes``) to an L2 norm of ``max_norm``.
+
+  ``t <- t * max_norm / max(||t||_2, max_norm)``: TensorFlow's ``tf.clip_by_norm``.
+  With ``axes`` the norm is taken over those axes only, so every slice along the
+  remaining axes is clipped on its own (``axes=-1`` clips each row of a matrix).
+  The norm accumulates in float32; each leaf keeps its dtype. ``max_norm`` may be a
+  pytree of per-leaf thresholds (e.g. a larger bound for embeddings).
+
+  >>> import jax.numpy as jnp, gradclip_jax
+  >>> tx = gradclip_jax.clip_by_norm(1.0)
+  >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+  >>> updates, _ = tx.update(g, tx.init(g))
+  >>> updates["a"].tolist(), updates["b"].tolist()
+  ([0.6000000238418579, 0.800000011920929], [0.30000001192092896, 0.4000000059604645])
+
+  Args:
+    max_norm: threshold >= 0 (number, JAX scalar, or per-leaf pytree).
+    axes: ``None`` (whole leaf) or axis / tuple of axes to reduce, as in TF.
+  """
+  return _per_leaf_transform(max_norm, axes, average=False)
+
+
+def clip_by_average_norm(max_norm: Any) -> optax.GradientTransformation:
+  """Clips each leaf so its *average* L2 norm ``||t||_2 / t.size`` <= ``max_norm``.
+
+  ``t <- t * min(1, max_norm * t.size / ||t||_2)``: TensorFlow 1's
+  ``tf.clip_by_average_norm``. Large leaves thereby get a proportionally larger
+  budget than small ones.
+
+  Args:
+    max_norm: threshold >= 0 on the average norm (number, JAX scalar, or pytree).
+  """
+  return _per_leaf_transform(max_norm, None, average=True)
+
+
+# ----------------------------------------------------------- clip_by_global_norm
+
+
+class ClipByGlobalNormState(NamedTuple):
+  """State of :func:`clip_by_global_norm`; read fields with ``optax.tree_utils.tree_get``."""
+  global_norm: jax.Array    # f32: norm of the whole tree before clipping.
+  scale: jax.Array          # f32: factor applied this step (1 = untouched).
+  num_clipped: jax.Array    # int32: steps with norm > max_norm.
+  num_nonfinite: jax.Array  # int32: steps whose norm was NaN or inf.
+
+
+def _raise_nonfinite(bad, norm):
+  if bad:
+    raise FloatingPointError(
+        f"gradclip_jax.clip_by_global_norm: the gradient norm is {norm} (non-finite) "
+        "and nonfinite='error' was requested")
+
+
+def nonfinite_scale(norm: jax.Array, scale: jax.Array, nonfinite: str) -> jax.Array:
+  """Applies a non-finite policy to a clip scale computed from ``norm``.
+
+  ``propagate``: NaN scale, so every entry becomes NaN (TensorFlow's signal);
+  ``zero``: 0; ``error``: raise ``FloatingPointError`` from the device (under
+  ``jit`` it surfaces as ``jax.errors.JaxRuntimeError`` when the result is read).
+  """
+  finite = jnp.isfinite(norm)
+  if nonfinite == "error":
+    jax.debug.callback(_raise_nonfinite, ~finite, norm)
+  fill = 0.0 if nonfinite == "zero" else jnp.nan
+  return jnp.where(finite, scale, fill)
+
+
+def check_nonfinite_policy(nonfinite: str) -> None:
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got "
+                     f"{nonfinite!r}")
+
+
+def scale_tree(updates, scale, zero_if_nonfinite: Optional[jax.Array] = None):
+  """Multiplies every leaf by ``scale``; with a mask, non-finite steps give exact 0.
+
+  ``inf * 0`` is NaN, so a zeroed step must select zeros rather than multiply.
+  """
+  if zero_if_nonfinite is None:
+    return jax.tree.map(lambda g: _norms.apply_scale(g, scale), updates)
+  return jax.tree.map(
+      lambda g: jnp.where(zero_if_nonfinite, _norms.apply_scale(g, scale),
+                          jnp.zeros_like(g)), updates)
+
+
+def clip_by_global_norm(max_norm: Any, *, norm_type: float = 2.0,
+                        nonfinite: str = "propagate",
+                        axis_name: AxisName = None) -> optax.GradientTransformation:
+  """Rescales the whole tree so that its global norm is at most ``max_norm``.
+
+  ``n = ||concat(leaves)||_p`` and ``g <- g * min(1, max_norm / n)`` (Pascanu et al.,
+  2013, "On the difficulty of training recurrent neural networks"; TensorFlow's
+  ``tf.clip_by_global_norm``). Unlike ``optax.clip_by_global_norm``:
+
+  * the norm accumulates in float32 whatever the gradient dtype, so float16
+    gradients of magnitude 300 do not overflow to ``inf`` (which silently zeroes
+    the Optax update), and float32 overflow is rescued by a scaled recomputation;
+  * zero gradients with ``max_norm = 0`` give zeros (not NaN), and the derivative
+    through the clip is NaN-free (meta-gradients w.r.t. gradients or threshold);
+  * a NaN/inf norm follows an explicit ``nonfinite`` policy and is counted;
+  * the pre-clip norm and scale are kept in the state for logging.
+
+  >>> import jax.numpy as jnp, optax, gradclip_jax
+  >>> tx = optax.chain(gradclip_jax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  >>> params = {"w": jnp.zeros(2)}
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+  >>> float(optax.tree_utils.tree_get(state, "global_norm"))
+  5.0
+  >>> updates["w"].tolist()
+  [-0.06000000238418579, -0.08000000566244125]
+
+  Args:
+    max_norm: threshold >= 0 (number or JAX scalar, so ``inject_hyperparams``
+      can schedule it); ``inf`` disables clipping but keeps the logging.
+    norm_type: ``p`` of the norm: 1, 2 (default), any ``p > 0``, or ``inf``.
+    nonfinite: what to do when the norm is NaN or inf. ``"propagate"`` (TF and
+      PyTorch behaviour): the update becomes NaN everywhere. ``"zero"``: emit an
+      all-zero update and count the step in ``num_nonfinite``. ``"error"``: raise
+      ``FloatingPointError`` from the device; under ``jit`` it is reported as a
+      ``jax.errors.JaxRuntimeError`` when the result is materialized. To also keep
+      the optimizer state (Adam moments) untouched on such steps, wrap the whole
+      chain in ``optax.apply_if_finite`` (or use :func:`gradclip_jax.skip_spikes`).
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over which
+      each device holds a slice of every gradient: the norm is then that of the
+      whole (partial sums combined with ``psum``), identical on every device.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`ClipByGlobalNormState`.
+  """
+  _norms.check_threshold("max_norm", max_norm)
+  if not _norms.is_scalar_threshold(max_norm):
+    raise TypeError("clip_by_global_norm takes one scalar max_norm for the whole "
+                    "tree; use clip_by_norm for per-leaf thresholds")
+  p = _norms.check_norm_type(norm_type)
+  check_nonfinite_policy(nonfinite)
+
+  def init_fn(params):
+    del params
+    return ClipByGlobalNormState(
+        global_norm=jnp.zeros((), jnp.float32), scale=jnp.ones((), jnp.float32),
+        num_clipped=_zero_count(), num_nonfinite=_zero_count())
+
+  def update_fn(updates, state, params=None):
+    del params
+    _norms.check_gradient_tree(updates)
+    norm = _norms.tree_norm(_norms.leaves_of(updates), p, axis_name)
+    finite = jnp.isfinite(norm)
+    scale = nonfinite_scale(norm, _norms.clip_scale(norm, max_norm), nonfinite)
+    new_updates = scale_tree(updates, scale,
+                             finite if nonfinite == "zero" else None)
+    clipped = finite & (scale < 1)
+    return new_updates, ClipByGlobalNormState(
+        global_norm=norm, scale=scale,
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+__all__ = [
+    "ClipByGlobalNormState", "ClipByNormState", "ClipByValueState",
+    "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
+]

@@ -1,0 +1,286 @@
+"""Numerics shared by every rule: float32 norms, the clip scale, input checks.
+
+Everything that computes a norm in gradclip_jax goes through this module, so the
+transforms (``gradclip_jax.clip_*``), the adaptive rules and the TensorFlow-style
+functional API (``gradclip_jax.functional``) agree to the last bit.
+
+Design points, each one a place where the usual implementations go wrong:
+
+* **float32 accumulation.** Every leaf is upcast to float32 (complex64 for complex
+  leaves) *inside* the reduction, so a float16 gradient of magnitude 300 (whose
+  square, 9e4, overflows float16) still has a finite, correct norm. XLA fuses the
+  cast into the reduction: no float32 copy of the gradients is ever written.
+* **No silent float32 overflow either.** bfloat16 and float32 share float32's range,
+  so the sum of squares of values above ~1.8e19 overflows. When the plain sum comes
+  out infinite although the largest entry is finite, the norm is recomputed in a
+  scaled form ``m * ||x / m||`` (``m = max |x|``), as LAPACK's ``nrm2`` does. The
+  rescue runs under ``lax.cond``, so the common path pays nothing for it.
+* **NaN-free derivatives.** ``sqrt`` has an infinite slope at 0, so the naive
+  ``jax.grad`` of a clipped zero gradient is ``0 * inf = NaN``. Roots are taken
+  with the double-``where`` form, which gives a zero derivative at zero.
+* **A clip scale defined everywhere.** ``min(1, c / n)`` is ``0 / 0`` for zero
+  gradients with ``c = 0`` and ``inf / inf`` for ``c = inf``; :func:`clip_scale`
+  returns 1 whenever ``n <= c`` and divides only when ``n > c >= 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Sequence, Union
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+AxisName = Optional[Union[str, Sequence[str]]]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _leaf_paths(tree: Any):
+  """(path string, leaf) for every non-None leaf of ``tree``."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path) or "<root>", leaf) for path, leaf in flat]
+
+
+def check_gradient_tree(tree: Any, what: str = "gradient") -> None:
+  """Raises ``TypeError`` naming the first leaf that is not floating or complex.
+
+  Integer and boolean arrays have no meaningful norm-preserving rescaling (and
+  ``jax.grad`` never produces them: it gives ``float0``), so they are refused.
+  """
+  for path, leaf in _leaf_paths(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(leaf).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating)
+            or jnp.issubdtype(dtype, jnp.complexfloating)):
+      raise TypeError(
+          f"{what} leaf {path} has dtype {dtype}; gradient clipping needs "
+          "floating-point or complex leaves (integer/boolean leaves usually mean "
+          "a non-trainable array slipped into the tree: mask it out with "
+          "optax.masked or drop it).")
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds a value known now (not a tracer inside jit/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_threshold(name: str, value: Any, *, allow_inf: bool = True) -> None:
+  """``ValueError`` for a negative or NaN threshold known at build time.
+
+  ``value`` may be a Python number, a NumPy/JAX scalar or a pytree of them (per-leaf
+  thresholds). Traced values (``optax.inject_hyperparams`` under ``jit``) cannot be
+  inspected; the rules clamp them at zero instead.
+  """
+  for path, leaf in _leaf_paths(value):
+    if not is_concrete(leaf):
+      continue
+    arr = np.asarray(leaf)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+      raise TypeError(f"{name}{'' if path == '<root>' else path} must be a number, "
+                      f"got {type(leaf).__name__}")
+    label = name if path == "<root>" else f"{name}{path}"
+    if np.any(np.isnan(arr)):
+      raise ValueError(f"{label} is NaN; a clipping threshold must be a number >= 0")
+    if np.any(arr < 0):
+      raise ValueError(f"{label} = {arr.tolist()} is negative; a clipping threshold "
+                       "must be >= 0")
+    if not allow_inf and np.any(np.isinf(arr)):
+      raise ValueError(f"{label} must be finite, got {arr.tolist()}")
+
+
+def check_norm_type(norm_type: Any) -> float:
+  """Validates ``p`` of an Lp norm (``p > 0`` or ``inf``) and returns it as float."""
+  if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool):
+    try:
+      norm_type = float(np.asarray(norm_type))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"norm_type must be a real number > 0 or inf, got "
+                      f"{norm_type!r}") from e
+  p = float(norm_type)
+  if math.isnan(p) or p <= 0:
+    raise ValueError(f"norm_type must be > 0 (1, 2, any p > 0, or inf), got {p}")
+  return p
+
+
+def is_scalar_threshold(value: Any) -> bool:
+  """Whether a threshold is one number for all leaves (vs a per-leaf pytree)."""
+  if isinstance(value, numbers.Number):
+    return True
+  return hasattr(value, "shape") and np.ndim(value) == 0
+
+
+def broadcast_thresholds(name: str, value: Any, tree: Any) -> Any:
+  """A threshold per leaf of ``tree``: a scalar is repeated, a pytree is checked.
+
+  Raises ``ValueError`` when a per-leaf threshold tree does not have the structure of
+  the gradient tree (``None`` gradient leaves are skipped on both sides).
+  """
+  structure = jax.tree.structure(tree)
+  if is_scalar_threshold(value):
+    return jax.tree.unflatten(structure, [value] * structure.num_leaves)
+  try:
+    return jax.tree.map(lambda _, v: v, tree, value)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{name} is a pytree of per-leaf thresholds whose structure does not match "
+        f"the gradients:\n  gradients: {structure}\n  {name}: "
+        f"{jax.tree.structure(value)}") from e
+
+
+# ------------------------------------------------------------------------- kernels
+
+
+def _abs_f32(x: Array) -> Array:
+  """|x| in float32 (complex64's magnitude for complex leaves)."""
+  if jnp.iscomplexobj(x):
+    return jnp.abs(x.astype(jnp.complex64))
+  return jnp.abs(x.astype(jnp.float32))
+
+
+def _sq_f32(x: Array) -> Array:
+  """|x|^2 in float32; for complex leaves re^2 + im^2, without a square root."""
+  if jnp.iscomplexobj(x):
+    x = x.astype(jnp.complex64)
+    return jnp.square(x.real) + jnp.square(x.imag)
+  x = x.astype(jnp.float32)
+  return x * x
+
+
+def _power_f32(x: Array, p: float) -> Array:
+  """|x|^p in float32."""
+  if p == 2.0:
+    return _sq_f32(x)
+  a = _abs_f32(x)
+  if p == 1.0:
+    return a
+  # 0**p has an infinite slope for p < 1: keep the derivative at 0 finite.
+  zero = a == 0
+  return jnp.where(zero, 0.0, jnp.where(zero, 1.0, a) ** p)
+
+
+def safe_root(s: Array, p: float) -> Array:
+  """``s ** (1/p)`` with a zero (not NaN) derivative at ``s = 0``."""
+  if p == 1.0:
+    return s
+  # Only an exact zero is special-cased: NaN and inf must come through unchanged.
+  zero = s == 0
+  safe = jnp.where(zero, 1.0, s)
+  root = jnp.sqrt(safe) if p == 2.0 else safe ** (1.0 / p)
+  return jnp.where(zero, jnp.zeros_like(s), root)
+
+
+def _psum(x: Array, axis_name: AxisName) -> Array:
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _pmax(x: Array, axis_name: AxisName) -> Array:
+  return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def _max_abs(x: Array, axes=None, keepdims=False) -> Array:
+  if x.size == 0:
+    shape = jnp.sum(jnp.zeros(x.shape, jnp.float32), axis=axes, keepdims=keepdims)
+    return shape
+  return jnp.max(_abs_f32(x), axis=axes, keepdims=keepdims)
+
+
+def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
+  return jnp.sum(_power_f32(x, p), axis=axes, keepdims=keepdims)
+
+
+def tree_max_abs(leaves: Sequence[Array], axis_name: AxisName = None) -> Array:
+  """max |x| over all leaves (and devices), float32; 0 for an empty tree."""
+  m = jnp.zeros((), jnp.float32)
+  for x in leaves:
+    m = jnp.maximum(m, _max_abs(x))
+  return _pmax(m, axis_name)
+
+
+def _scaled_norm(leaves, p, m, axis_name):
+  """``m * (sum |x/m|^p)^(1/p)``: the overflow-free form (``m = max |x| > 0``)."""
+  finite = jnp.isfinite(m) & (m > 0)
+  m_safe = jnp.where(finite, m, 1.0)
+  s = jnp.zeros((), jnp.float32)
+  for x in leaves:
+    s = s + _power_sum(_abs_f32(x) / m_safe, p)
+  s = _psum(s, axis_name)
+  norm = m_safe * safe_root(s, p)
+  # With an infinite (or NaN) entry the norm is that entry; with all zeros it is 0.
+  return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
+
+
+def tree_norm(leaves: Sequence[Array], p: float = 2.0,
+              axis_name: AxisName = None) -> Array:
+  """The Lp norm of the concatenation of ``leaves`` (and of every device's slice).
+
+  float32 whatever the leaf dtypes; NaN when an entry is NaN, inf when one is inf.
+  ``axis_name`` sums the per-device partial sums with ``psum`` (``pmax`` for
+  ``p = inf``), for use inside ``shard_map``/``pmap``.
+  """
+  leaves = list(leaves)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  if p == math.inf:
+    return tree_max_abs(leaves, axis_name)
+  if p not in (1.0, 2.0):
+    # |x|^p over- or underflows for moderate x when p is large: always rescale.
+    return _scaled_norm(leaves, p, tree_max_abs(leaves, axis_name), axis_name)
+  s = jnp.zeros((), jnp.float32)
+  for x in leaves:
+    s = s + _power_sum(x, p)
+  s = _psum(s, axis_name)
+  # An infinite sum from finite entries is float32 overflow: redo it scaled. (A NaN
+  # sum means a NaN entry; an inf entry comes back as inf from the scaled form.)
+  return lax.cond(jnp.isposinf(s),
+                  lambda: _scaled_norm(leaves, p, tree_max_abs(leaves, axis_name),
+                                       axis_name),
+                  lambda: safe_root(s, p))
+
+
+def leaf_norm(x: Array, axes=None) -> Array:
+  """L2 norm of one leaf over ``axes`` (all axes when None), keepdims, float32."""
+  s = jnp.sum(_sq_f32(x), axis=axes, keepdims=True)
+
+  def rescue():
+    m = _max_abs(x, axes, keepdims=True)
+    finite = jnp.isfinite(m) & (m > 0)
+    m_safe = jnp.where(finite, m, 1.0)
+    s2 = jnp.sum(_sq_f32(_abs_f32(x) / m_safe), axis=axes, keepdims=True)
+    norm = m_safe * safe_root(s2, 2.0)
+    return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
+
+  return lax.cond(jnp.any(jnp.isposinf(s)), rescue, lambda: safe_root(s, 2.0))
+
+
+def clip_scale(norm: Array, max_norm: Any) -> Array:
+  """``min(1, max_norm / norm)`` in float32, defined for every input.
+
+  1 when ``norm <= max_norm`` (zero gradients with ``max_norm = 0``, an infinite
+  norm under ``max_norm = inf``), ``max_norm / norm`` when ``norm > max_norm``, NaN
+  when ``norm`` is NaN. The division only ever sees ``norm > 0``, so the derivative
+  with respect to both the gradients and ``max_norm`` is finite.
+  """
+  max_norm = jnp.maximum(jnp.asarray(max_norm, jnp.float32), 0.0)
+  clipped = norm > max_norm
+  denom = jnp.where(clipped, norm, 1.0)
+  scale = jnp.where(clipped, max_norm / denom, 1.0)
+  return jnp.where(jnp.isnan(norm), jnp.nan, scale).astype(jnp.float32)
+
+
+def apply_scale(x: Array, scale: Array) -> Array:
+  """``x * scale`` computed in float32 (complex64), returned in ``x``'s dtype."""
+  if jnp.iscomplexobj(x):
+    return (x.astype(jnp.complex64) * scale).astype(x.dtype)
+  return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def leaves_of(tree: Any) -> list:
+  """The non-None leaves of a tree (``None`` entries pass through, as in TF)."""
+  return jax.tree.leaves(tree)
