@@ -96,7 +96,14 @@ def check_threshold(name: str, value: Any, *, allow_inf: bool = True) -> None:
 
 
 def check_norm_type(norm_type: Any) -> float:
-  """Validates ``p`` of an Lp norm (``p > 0`` or ``inf``) and returns it as float."""
+  """Validates ``p`` of an Lp norm (``p > 0`` or ``inf``) and returns it as float.
+
+  A traced ``p`` (``optax.inject_hyperparams`` makes every numeric argument a
+  hyperparameter, defaults included) is returned as is: :func:`tree_norm` then picks
+  the kernel at run time.
+  """
+  if not is_concrete(norm_type):
+    return norm_type
   if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool):
     try:
       norm_type = float(np.asarray(norm_type))
@@ -227,6 +234,8 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
   leaves = list(leaves)
   if not leaves:
     return jnp.zeros((), jnp.float32)
+  if not is_concrete(p):
+    return _tree_norm_traced_p(leaves, p, axis_name)
   if p == math.inf:
     return tree_max_abs(leaves, axis_name)
   if p not in (1.0, 2.0):
@@ -242,6 +251,34 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
                   lambda: _scaled_norm(leaves, p, tree_max_abs(leaves, axis_name),
                                        axis_name),
                   lambda: safe_root(s, p))
+
+
+def _tree_norm_traced_p(leaves, p, axis_name):
+  """:func:`tree_norm` for a ``p`` known only at run time: one branch runs."""
+  p = jnp.asarray(p, jnp.float32)
+  index = jnp.select([p == 2, p == 1, jnp.isposinf(p)], [0, 1, 2], 3)
+  branches = [lambda: tree_norm(leaves, 2.0, axis_name),
+              lambda: tree_norm(leaves, 1.0, axis_name),
+              lambda: tree_norm(leaves, math.inf, axis_name),
+              lambda: _scaled_norm_p(leaves, p, axis_name)]
+  norm = lax.switch(index, branches)
+  return jnp.where(p > 0, norm, jnp.nan)  # an invalid traced p is signalled, not hidden
+
+
+def _scaled_norm_p(leaves, p, axis_name):
+  """The rescaled Lp norm for a traced ``p`` (see :func:`_scaled_norm`)."""
+  m = tree_max_abs(leaves, axis_name)
+  finite = jnp.isfinite(m) & (m > 0)
+  m_safe = jnp.where(finite, m, 1.0)
+  s = jnp.zeros((), jnp.float32)
+  for x in leaves:
+    a = _abs_f32(x) / m_safe
+    zero = a == 0
+    s = s + jnp.sum(jnp.where(zero, 0.0, jnp.where(zero, 1.0, a) ** p))
+  s = _psum(s, axis_name)
+  zero = s == 0
+  norm = m_safe * jnp.where(zero, 0.0, jnp.where(zero, 1.0, s) ** (1.0 / p))
+  return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
 
 
 def leaf_norm(x: Array, axes=None) -> Array:

@@ -60,11 +60,13 @@ def clip_by_value(tree: Any, min_value: Any, max_value: Any) -> Any:
 
 def clip_by_norm(tree: Any, max_norm: Any, axes: Any = None) -> Any:
   """``tf.clip_by_norm`` applied to every leaf: ``t * c / max(||t||_2, c)``."""
+  _norms.check_threshold("max_norm", max_norm)
   return _clipping._per_leaf_clip(tree, max_norm, axes, average=False)[0]  # pylint: disable=protected-access
 
 
 def clip_by_average_norm(tree: Any, max_norm: Any) -> Any:
   """``tf.clip_by_average_norm`` (TF 1) on every leaf: ``t * min(1, c n / ||t||)``."""
+  _norms.check_threshold("max_norm", max_norm)
   return _clipping._per_leaf_clip(tree, max_norm, None, average=True)[0]  # pylint: disable=protected-access
 
 

@@ -1,0 +1,192 @@
+"""The numerics claims: float32 accumulation, overflow, zeros, derivatives, NaN/Inf."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from gradclip_jax import functional as F
+
+
+class Float32AccumulationTest(chex.TestCase):
+
+  def test_fp16_magnitude_300_has_a_finite_norm(self):
+    g = {"a": jnp.full((1000,), 300.0, jnp.float16)}
+    expected = 300.0 * math.sqrt(1000)
+    # The peer fails: the fp16 sum of squares overflows to inf ...
+    self.assertTrue(np.isinf(float(optax.global_norm(g))))
+    opt_tx = optax.clip_by_global_norm(1.0)
+    opt_out, _ = opt_tx.update(g, opt_tx.init(g))
+    self.assertEqual(float(jnp.abs(opt_out["a"]).max()), 0.0)  # silently zeroed
+    # ... ours is finite and correct, and the clipped leaf keeps float16.
+    tx = gc.clip_by_global_norm(1.0)
+    out, state = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(float(state.global_norm), expected, rtol=1e-6)
+    self.assertEqual(out["a"].dtype, jnp.float16)
+    np.testing.assert_allclose(float(F.global_norm(out)), 1.0, rtol=1e-3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fp16_max(self):
+    g = [jnp.full((4096,), 65504.0, jnp.float16)]
+    n = self.variant(F.global_norm)(g)
+    np.testing.assert_allclose(float(n), 65504.0 * 64, rtol=1e-6)
+    n1 = self.variant(lambda t: F.global_norm(t, 1.0))(g)
+    np.testing.assert_allclose(float(n1), 65504.0 * 4096, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_float32_overflow_is_rescued(self):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      g = {"a": jnp.full((16,), 1e30, dtype), "b": jnp.full((9,), -1e30, dtype)}
+      big = float(jnp.asarray(1e30, dtype))
+      for p, expected in ((2.0, big * 5), (1.0, big * 25), (4.0, big * 25 ** 0.25),
+                          (math.inf, big)):
+        n = self.variant(lambda t, p=p: F.global_norm(t, p))(g)
+        np.testing.assert_allclose(float(n), expected, rtol=1e-5)
+      out, _ = self.variant(lambda t: F.clip_by_norm(t, 1.0))(g)["a"], None
+      np.testing.assert_allclose(float(jnp.linalg.norm(out.astype(jnp.float32))), 1.0,
+                                 rtol=1e-2)
+
+  def test_large_p_does_not_overflow(self):
+    g = [jnp.array([1e4, 2e4], jnp.float32)]
+    np.testing.assert_allclose(float(F.global_norm(g, 12.0)),
+                               (1e4 ** 12 + 2e4 ** 12) ** (1 / 12), rtol=1e-5)
+
+  def test_complex_leaves_use_abs_squared(self):
+    g = {"z": jnp.array([3 + 4j, 0 + 0j], jnp.complex64), "x": jnp.array([12.0])}
+    np.testing.assert_allclose(float(F.global_norm(g)), 13.0, rtol=1e-6)
+    out, _ = F.clip_by_global_norm(g, 6.5)
+    self.assertEqual(out["z"].dtype, jnp.complex64)
+    np.testing.assert_allclose(np.asarray(out["z"]), [1.5 + 2j, 0], rtol=1e-6)
+
+
+class EdgeCaseTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_zero_gradients_zero_threshold_inf_threshold(self):
+    z = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2), jnp.bfloat16)}
+    for c in (0.0, 1.0, math.inf):
+      for tx in (gc.clip_by_global_norm(c), gc.clip_by_norm(c),
+                 gc.clip_by_average_norm(c)):
+        out, _ = self.variant(tx.update)(z, tx.init(z))
+        chex.assert_trees_all_equal(out, z)
+    # Optax returns NaN here.
+    otx = optax.clip_by_global_norm(0.0)
+    self.assertTrue(np.isnan(np.asarray(otx.update(z, otx.init(z))[0]["a"])).all())
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_threshold_zero_and_inf_with_nonzero_gradients(self):
+    g = {"a": jnp.array([3.0, 4.0])}
+    tx = gc.clip_by_global_norm(0.0)
+    out, state = self.variant(tx.update)(g, tx.init(g))
+    chex.assert_trees_all_equal(out, {"a": jnp.zeros(2)})
+    self.assertEqual(int(state.num_clipped), 1)
+    tx = gc.clip_by_global_norm(math.inf)
+    out, state = self.variant(tx.update)(g, tx.init(g))
+    chex.assert_trees_all_equal(out, g)
+    self.assertEqual(float(state.global_norm), 5.0)
+
+  def test_inf_gradient_with_inf_threshold_propagates(self):
+    g = {"a": jnp.array([jnp.inf, 1.0])}
+    out, state = gc.clip_by_global_norm(math.inf).update(g, gc.clip_by_global_norm(
+        math.inf).init(g))
+    self.assertTrue(np.isnan(np.asarray(out["a"])).all())
+    self.assertEqual(int(state.num_nonfinite), 1)
+
+
+class DerivativeTest(chex.TestCase):
+  """Meta-gradients through the clip: NaN-free at zero, correct elsewhere."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_free_at_zero_gradients(self):
+    def loss(g, c, rule):
+      if rule == "global":
+        out, _ = F.clip_by_global_norm(g, c)
+      elif rule == "norm":
+        out = F.clip_by_norm(g, c)
+      elif rule == "global_l3":
+        out, _ = F.clip_by_global_norm(g, c, norm_type=3.0)
+      else:
+        out = F.clip_by_average_norm(g, c)
+      return sum(jnp.sum(x * jnp.arange(1.0, x.size + 1).reshape(x.shape))
+                 for x in jax.tree.leaves(out))
+
+    z = {"a": jnp.zeros(3), "b": jnp.zeros((2,))}
+    for rule in ("global", "norm", "avg", "global_l3"):
+      for c in (0.0, 1.0):
+        dg, dc = self.variant(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+            z, c, rule)
+        for leaf in jax.tree.leaves(dg):
+          self.assertTrue(np.isfinite(np.asarray(leaf)).all(), (rule, c, dg))
+        self.assertTrue(np.isfinite(float(dc)), (rule, c))
+    # Also the norm itself.
+    self.assertTrue(np.isfinite(np.asarray(jax.grad(F.global_norm)(z)["a"])).all())
+
+  def test_derivative_matches_finite_differences(self):
+    g = {"a": jnp.array([3.0, 4.0, 1.0], jnp.float32)}
+
+    def loss(g, c):
+      out, _ = F.clip_by_global_norm(g, c)
+      return jnp.sum(out["a"] * jnp.array([1.0, -2.0, 0.5]))
+
+    dg, dc = jax.grad(loss, argnums=(0, 1))(g, 2.0)
+    eps = 1e-3
+    num_dc = (loss(g, 2.0 + eps) - loss(g, 2.0 - eps)) / (2 * eps)
+    np.testing.assert_allclose(float(dc), float(num_dc), rtol=1e-3)
+    for i in range(3):
+      e = jnp.zeros(3).at[i].set(eps)
+      num = (loss({"a": g["a"] + e}, 2.0) - loss({"a": g["a"] - e}, 2.0)) / (2 * eps)
+      np.testing.assert_allclose(float(dg["a"][i]), float(num), rtol=2e-3, atol=1e-4)
+
+
+class NonFinitePolicyTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_propagate_and_zero(self):
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      g = {"a": jnp.array([bad, 1.0]), "b": jnp.ones(2, jnp.bfloat16)}
+      tx = gc.clip_by_global_norm(1.0)
+      out, state = self.variant(tx.update)(g, tx.init(g))
+      for leaf in jax.tree.leaves(out):
+        self.assertTrue(np.isnan(np.asarray(leaf, np.float32)).all())
+      self.assertEqual(int(state.num_nonfinite), 1)
+
+      tx = gc.clip_by_global_norm(1.0, nonfinite="zero")
+      state = tx.init(g)
+      out, state = self.variant(tx.update)(g, state)
+      chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, g))
+      self.assertEqual(int(state.num_nonfinite), 1)
+      self.assertEqual(int(state.num_clipped), 0)
+      good = {"a": jnp.array([3.0, 4.0]), "b": jnp.zeros(2, jnp.bfloat16)}
+      out, state = self.variant(tx.update)(good, state)
+      np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+      self.assertEqual(int(state.num_nonfinite), 1)
+
+  def test_error_policy_eager_and_jit(self):
+    g = {"a": jnp.array([jnp.nan, 1.0])}
+    tx = gc.clip_by_global_norm(1.0, nonfinite="error")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+      out, _ = tx.update(g, tx.init(g))
+      jax.block_until_ready(out)
+    with pytest.raises(Exception, match="non-finite"):
+      out, _ = jax.jit(tx.update)(g, tx.init(g))
+      jax.block_until_ready(out)
+    jax.effects_barrier()
+    ok, _ = jax.jit(tx.update)({"a": jnp.array([3.0, 4.0])}, tx.init(g))
+    np.testing.assert_allclose(ok["a"], [0.6, 0.8], rtol=1e-6)
+
+  def test_apply_if_finite_freezes_the_optimizer_state(self):
+    tx = optax.apply_if_finite(
+        optax.chain(gc.clip_by_global_norm(1.0), optax.adam(0.1)), 3)
+    params = {"a": jnp.ones(2)}
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.array([1.0, 1.0])}, state, params)
+    mu_before = optax.tree_utils.tree_get(state, "mu")
+    updates, state = tx.update({"a": jnp.array([jnp.nan, 1.0])}, state, params)
+    chex.assert_trees_all_equal(updates, {"a": jnp.zeros(2)})
+    chex.assert_trees_all_equal(optax.tree_utils.tree_get(state, "mu"), mu_before)
+    self.assertEqual(int(state.notfinite_count), 1)
