@@ -1,0 +1,355 @@
+"""The benchmark suite: one entry point, any backend JAX finds (CPU, GPU, TPU).
+
+    python benchmarks/run.py                 # everything, results/<device>-<date>.*
+    python benchmarks/run.py --quick         # fewer repeats and shapes (a smoke run)
+    python benchmarks/run.py --only throughput,compile
+
+Sections:
+
+* ``throughput``: one clipping transform on its own (jit, gradient buffers donated) for
+  every rule, over three tree shapes (one 25M leaf; a transformer-like tree; 1,000
+  small leaves) and two dtypes (f32, bf16). Reported as GB/s of gradient bytes and
+  against the *copy limit*: the time of ``g <- g * s`` in place (donated), which reads
+  and writes every byte once, the least any rule that rewrites the gradient can do.
+  ``optax.clip_by_global_norm`` is timed alongside where Optax has the rule.
+* ``overhead``: a fused ``rule + adam`` step over ``adam`` alone (see
+  ``clip_overhead.py``).
+* ``compile``: compile time of a clip + adam step against leaf count, ours vs Optax.
+* ``ptb``: words/s of the PTB trainer's step with and without clipping (when the
+  trainer is installed; see ``ptb_speed.py``).
+
+Writes ``results/<device>-<date>.json``, a markdown table ``.md`` and a PNG plot.
+Times are medians over repeats after a warm-up, synchronised with
+``jax.block_until_ready``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import clip_overhead  # noqa: E402  pylint: disable=wrong-import-position
+
+import gradclip_jax  # noqa: E402  pylint: disable=wrong-import-position
+
+# ------------------------------------------------------------------------- shapes
+
+
+def tree_of(shape_name: str, dtype) -> dict:
+  if shape_name == "one 25M leaf":
+    return {"w": jnp.full((5000, 5000), 0.01, dtype)}
+  if shape_name == "transformer 25M":
+    return clip_overhead.make_tree("25M", dtype)
+  if shape_name == "1000 small leaves":
+    return clip_overhead.make_tree("1000 leaves", dtype)
+  raise ValueError(shape_name)
+
+
+def leaves_tree(n: int) -> dict:
+  """``n`` leaves alternating (64, 32) matrices and (32,) vectors."""
+  return {f"l{i:05d}": jnp.full((64, 32) if i % 2 == 0 else (32,), 0.01)
+          for i in range(n)}
+
+
+def standalone_rules() -> dict:
+  """name -> factory of a transform timed on its own (params passed to all)."""
+  rules = {
+      "optax.clip_by_global_norm": lambda: optax.clip_by_global_norm(1.0),
+      "clip_by_global_norm": lambda: gradclip_jax.clip_by_global_norm(1.0),
+      "clip_by_global_norm L1": lambda: gradclip_jax.clip_by_global_norm(
+          1.0, norm_type=1.0),
+      "clip_by_norm": lambda: gradclip_jax.clip_by_norm(1.0),
+      "clip_by_average_norm": lambda: gradclip_jax.clip_by_average_norm(1e-6),
+      "clip_by_value": lambda: gradclip_jax.clip_by_value(-0.001, 0.001),
+      "optax.clip (by value)": lambda: optax.clip(0.001),
+  }
+  optional = {
+      "adaptive_grad_clip": lambda: gradclip_jax.adaptive_grad_clip(0.01),
+      "autoclip": lambda: gradclip_jax.autoclip(10.0, 1000),
+      "zclip": lambda: gradclip_jax.zclip(),
+      "adagc": lambda: gradclip_jax.adagc(),
+      "skip_spikes": lambda: gradclip_jax.skip_spikes(optax.identity()),
+  }
+  rules.update({k: v for k, v in optional.items() if hasattr(gradclip_jax, k)})
+  return rules
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def median_time(fn, args, repeats, warmup=2, donate_first=True):
+  """Median seconds of ``out = fn(*args)``, feeding a donated output back in."""
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+    if donate_first:
+      args = (out[0] if isinstance(out, tuple) else out,) + tuple(args[1:])
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+    if donate_first:
+      args = (out[0] if isinstance(out, tuple) else out,) + tuple(args[1:])
+  return statistics.median(times)
+
+
+def nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def copy_limit(tree, repeats):
+  """Seconds of ``g <- g * s`` in place: one read and one write of every byte."""
+  fn = jax.jit(lambda g, s: jax.tree.map(lambda x: (x * s).astype(x.dtype), g),
+               donate_argnums=0)
+  return median_time(fn, (tree, jnp.asarray(0.999, jnp.float32)), repeats)
+
+
+def time_rule(make_tx, tree, repeats, grow=2.0):
+  """Median seconds of one ``tx.update`` on a donated gradient tree.
+
+  The output is fed back as the next gradient. ``grow=2`` doubles it inside the
+  jitted call (fused, no extra memory traffic), so a rule that clipped to its bound
+  last time must clip again: every timed call does the full work. ``grow=1`` with a
+  huge threshold times the under-the-bound case.
+  """
+  tx = make_tx()
+  state = tx.init(tree)
+  params = jax.tree.map(lambda x: x + 1, tree)
+
+  def update(g, s):
+    g = jax.tree.map(lambda x: (x * grow).astype(x.dtype), g)
+    return tx.update(g, s, params)
+
+  return median_time(jax.jit(update, donate_argnums=0), (tree, state), repeats)
+
+
+# ----------------------------------------------------------------------- sections
+
+
+def section_throughput(repeats, quick):
+  shapes = ["one 25M leaf"] if quick else ["one 25M leaf", "transformer 25M",
+                                           "1000 small leaves"]
+  dtypes = ["float32"] if quick else ["float32", "bfloat16"]
+  rows = []
+  for shape in shapes:
+    for dtype in dtypes:
+      tree = tree_of(shape, jnp.dtype(dtype))
+      size = nbytes(tree)
+      base = copy_limit(tree, repeats)
+      under = {  # no clipping needed: the cost of checking
+          "optax.clip_by_global_norm (under bound)": (
+              lambda: optax.clip_by_global_norm(1e30)),
+          "clip_by_global_norm (under bound)": (
+              lambda: gradclip_jax.clip_by_global_norm(1e30))}
+      rows.append(dict(shape=shape, dtype=dtype, rule="copy limit (g*s in place)",
+                       ms=1e3 * base, gbps=size / base / 1e9, vs_copy=1.0))
+      optax_ms = None
+      for name, make_tx in standalone_rules().items():
+        if quick and name not in ("optax.clip_by_global_norm", "clip_by_global_norm"):
+          continue
+        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats)
+        if name == "optax.clip_by_global_norm":
+          optax_ms = 1e3 * t
+        rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
+                         gbps=size / t / 1e9, vs_copy=t / base,
+                         vs_optax=(1e3 * t / optax_ms) if optax_ms and
+                         name == "clip_by_global_norm" else None))
+        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.2f} ms "
+              f"{t / base:5.2f}x copy", flush=True)
+      optax_under = None
+      for name, make_tx in under.items():
+        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, grow=1.0)
+        optax_under = optax_under or 1e3 * t
+        rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
+                         gbps=size / t / 1e9, vs_copy=t / base,
+                         vs_optax=(1e3 * t / optax_under) if name.startswith(
+                             "clip_by") else None))
+        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.2f} ms "
+              f"{t / base:5.2f}x copy", flush=True)
+  return rows
+
+
+def section_overhead(repeats, quick):
+  rows = []
+  specs = ["25M/float32"] if quick else ["25M/float32", "25M/bfloat16"]
+  for spec in specs:
+    kind, dtype = spec.split("/")
+    base = None
+    for name, make_tx in clip_overhead.optimizers(adaptive=not quick).items():
+      t, c = clip_overhead.time_step(make_tx, kind, jnp.dtype(dtype), repeats)
+      base = t if base is None else base
+      rows.append(dict(tree=kind, dtype=dtype, optimizer=name, step_ms=1e3 * t,
+                       ratio=t / base, compile_s=c))
+      print(f"  overhead {spec:14} {name:28} {1e3 * t:8.2f} ms {t / base:5.3f}",
+            flush=True)
+  return rows
+
+
+def section_compile(quick):
+  rows = []
+  counts = [10, 300] if quick else [10, 100, 300, 1000, 3000]
+  for n in counts:
+    params = leaves_tree(n)
+    for name, clip in (("optax", optax.clip_by_global_norm),
+                       ("gradclip_jax", gradclip_jax.clip_by_global_norm)):
+      tx = optax.chain(clip(1.0), optax.adam(1e-3))
+
+      def step(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      state = tx.init(params)
+      t0 = time.perf_counter()
+      jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+      rows.append(dict(leaves=n, impl=name, compile_s=time.perf_counter() - t0))
+      print(f"  compile {n:5d} leaves {name:13} {rows[-1]['compile_s']:.2f} s",
+            flush=True)
+  return rows
+
+
+def section_ptb(quick):
+  try:
+    import ptb_speed  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # the trainer extra is not installed
+    print(f"  ptb: skipped ({e})")
+    return []
+  if not hasattr(ptb_speed, "measure"):
+    print("  ptb: skipped (benchmarks/ptb_speed.py has no measure())")
+    return []
+  configs = ["small"] if quick else ["small", "medium"]
+  return [ptb_speed.measure(c, steps=20 if quick else 100) for c in configs]
+
+
+# ------------------------------------------------------------------------ reports
+
+
+def markdown(result) -> str:
+  lines = [f"# gradclip_jax benchmarks: {result['device']} ({result['platform']})",
+           "", f"{result['date']}, jax {result['jax']}, optax {result['optax']}, "
+           f"{result['host']}", ""]
+  if result.get("throughput"):
+    lines += ["## Standalone clip throughput", "",
+              "| tree | dtype | rule | ms | GB/s | / copy limit | / optax |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for r in result["throughput"]:
+      vo = f"{r['vs_optax']:.2f}" if r.get("vs_optax") else ""
+      lines.append(f"| {r['shape']} | {r['dtype']} | {r['rule']} | {r['ms']:.2f} | "
+                   f"{r['gbps']:.1f} | {r['vs_copy']:.2f} | {vo} |")
+    lines.append("")
+  if result.get("overhead"):
+    lines += ["## Fused step: rule + adam over adam alone", "",
+              "| tree | dtype | optimizer | step ms | ratio |", "|---|---|---|---:|---:|"]
+    for r in result["overhead"]:
+      lines.append(f"| {r['tree']} | {r['dtype']} | {r['optimizer']} | "
+                   f"{r['step_ms']:.2f} | {r['ratio']:.3f} |")
+    lines.append("")
+  if result.get("compile"):
+    lines += ["## Compile time of a clip + adam step", "",
+              "| leaves | optax s | gradclip_jax s |", "|---:|---:|---:|"]
+    by_n = {}
+    for r in result["compile"]:
+      by_n.setdefault(r["leaves"], {})[r["impl"]] = r["compile_s"]
+    for n, d in sorted(by_n.items()):
+      lines.append(f"| {n} | {d['optax']:.2f} | {d['gradclip_jax']:.2f} |")
+    lines.append("")
+  if result.get("ptb"):
+    lines += ["## PTB LSTM training step", "", "| config | words/s (clip) | "
+              "words/s (no clip) | clip overhead |", "|---|---:|---:|---:|"]
+    for r in result["ptb"]:
+      lines.append(f"| {r['config']} | {r['wps_clip']:.0f} | {r['wps_noclip']:.0f} | "
+                   f"{100 * (r['ratio'] - 1):.1f}% |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(result, path):
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  rows = [r for r in result.get("throughput", []) if r["dtype"] == "float32"]
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  rules = list(dict.fromkeys(r["rule"] for r in rows))
+  width = 0.8 / max(len(shapes), 1)
+  for i, shape in enumerate(shapes):
+    vals = {r["rule"]: r["gbps"] for r in rows if r["shape"] == shape}
+    axes[0].barh([j + i * width for j in range(len(rules))],
+                 [vals.get(r, 0) for r in rules], height=width, label=shape)
+  axes[0].set_yticks([j + width * (len(shapes) - 1) / 2 for j in range(len(rules))])
+  axes[0].set_yticklabels(rules, fontsize=8)
+  axes[0].set_xlabel("GB/s of float32 gradient (higher is better)")
+  axes[0].legend(fontsize=8)
+  comp = result.get("compile", [])
+  for impl in ("optax", "gradclip_jax"):
+    pts = sorted((r["leaves"], r["compile_s"]) for r in comp if r["impl"] == impl)
+    if pts:
+      axes[1].plot(*zip(*pts), marker="o", label=impl)
+  axes[1].set_xscale("log")
+  axes[1].set_xlabel("leaves")
+  axes[1].set_ylabel("compile time of clip + adam step (s)")
+  axes[1].legend()
+  fig.suptitle(f"gradclip_jax on {result['device']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description="gradclip_jax benchmark suite")
+  ap.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
+  ap.add_argument("--repeats", type=int, default=15)
+  ap.add_argument("--only", default="throughput,overhead,compile,ptb",
+                  help="comma-separated sections")
+  ap.add_argument("--out", default="results", help="output directory")
+  args = ap.parse_args(argv)
+  repeats = 3 if args.quick else args.repeats
+  sections = set(args.only.split(","))
+  device = jax.devices()[0]
+  kind = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{device.platform}-{device.device_kind}")
+  date = datetime.date.today().isoformat()
+  result = dict(device=device.device_kind, platform=device.platform, date=date,
+                jax=jax.__version__, optax=optax.__version__,
+                host=f"{platform.machine()}, {os.cpu_count()} cpus",
+                quick=args.quick)
+  print(f"benchmarks on {device.platform} ({device.device_kind})", flush=True)
+  if "throughput" in sections:
+    result["throughput"] = section_throughput(repeats, args.quick)
+  if "overhead" in sections:
+    result["overhead"] = section_overhead(repeats, args.quick)
+  if "compile" in sections:
+    result["compile"] = section_compile(args.quick)
+  if "ptb" in sections:
+    result["ptb"] = section_ptb(args.quick)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / f"{kind}-{date}{'-quick' if args.quick else ''}"
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+  stem.with_suffix(".md").write_text(markdown(result))
+  if plot(result, stem.with_suffix(".png")):
+    print(f"wrote {stem}.json, .md, .png")
+  else:
+    print(f"wrote {stem}.json, .md (no matplotlib: no plot)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
