@@ -81,10 +81,10 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
     clipped = jax.tree.map(
         lambda g, a, b: jnp.clip(g, jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)),
         updates, lo, hi)
-    hit = jnp.zeros((), bool)
-    for g, a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(lo),
-                       jax.tree.leaves(hi)):
-      hit = hit | jnp.any((g < jnp.asarray(a, g.dtype)) | (g > jnp.asarray(b, g.dtype)))
+    hit = [jnp.any((g < jnp.asarray(a, g.dtype)) | (g > jnp.asarray(b, g.dtype)))
+           for g, a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(lo),
+                              jax.tree.leaves(hi))]
+    hit = jnp.any(jnp.stack(hit)) if hit else jnp.zeros((), bool)
     return clipped, ClipByValueState(state.num_clipped + hit.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -100,21 +100,26 @@ class ClipByNormState(NamedTuple):
 
 
 def _per_leaf_clip(updates, max_norm, axes, average: bool):
-  """Shared body of the per-leaf rules: (clipped tree, sum of squares, any clipped)."""
+  """Shared body of the per-leaf rules: (clipped tree, sum of squares, any clipped).
+
+  The per-leaf scalars are combined with one stacked reduction, never a Python
+  chain of ``+``/``|`` (which XLA fuses into every consumer: quadratic compile time).
+  """
   _norms.check_gradient_tree(updates)
   thresholds = _norms.broadcast_thresholds("max_norm", max_norm, updates)
-  sq_total = jnp.zeros((), jnp.float32)
-  hit = jnp.zeros((), bool)
-  out = []
   leaves, treedef = jax.tree.flatten(updates)
-  for g, c in zip(leaves, jax.tree.leaves(thresholds)):
-    norm = _norms.leaf_norm(g, None if average else axes)
+  if not leaves:
+    return updates, jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+  norms = _norms.leaf_norms(leaves, [None if average else axes] * len(leaves))
+  out, sq, hit = [], [], []
+  for g, c, norm in zip(leaves, jax.tree.leaves(thresholds), norms):
     bound = jnp.asarray(c, jnp.float32) * (g.size if average else 1)
     scale = _norms.clip_scale(norm, bound)
     out.append(_norms.apply_scale(g, scale))
-    sq_total = sq_total + jnp.sum(jnp.square(norm))
-    hit = hit | jnp.any(scale < 1)
-  return jax.tree.unflatten(treedef, out), sq_total, hit
+    sq.append(jnp.sum(jnp.square(norm)))
+    hit.append(jnp.any(scale < 1))
+  return (jax.tree.unflatten(treedef, out), jnp.sum(jnp.stack(sq)),
+          jnp.any(jnp.stack(hit)))
 
 
 def _per_leaf_transform(max_norm, axes, average):

@@ -25,6 +25,7 @@ Design points, each one a place where the usual implementations go wrong:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Optional, Sequence, Union
@@ -202,23 +203,40 @@ def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
   return jnp.sum(_power_f32(x, p), axis=axes, keepdims=keepdims)
 
 
+def _stacked_sum(scalars: Sequence[Array]) -> Array:
+  """Sum of float32 scalars as one reduction (see :func:`tree_max_abs`)."""
+  return jnp.sum(jnp.stack(list(scalars))) if scalars else jnp.zeros((), jnp.float32)
+
+
 def tree_max_abs(leaves: Sequence[Array], axis_name: AxisName = None) -> Array:
   """max |x| over all leaves (and devices), float32; 0 for an empty tree."""
-  m = jnp.zeros((), jnp.float32)
-  for x in leaves:
-    m = jnp.maximum(m, _max_abs(x))
+  # One stacked reduction, not a chain of maximums: XLA would otherwise copy the
+  # whole chain into every consumer's fusion (compile time quadratic in leaves).
+  m = jnp.max(jnp.stack([_max_abs(x) for x in leaves] + [jnp.zeros((), jnp.float32)]))
   return _pmax(m, axis_name)
 
 
-def _scaled_norm(leaves, p, m, axis_name):
-  """``m * (sum |x/m|^p)^(1/p)``: the overflow-free form (``m = max |x| > 0``)."""
+def _scaled_norm(leaves, p, axis_name, power=None, root=None):
+  """The overflow-free Lp norm: every leaf scaled by its own max before powering.
+
+  Leaf ``i`` gives ``m_i = max |x|`` and ``t_i = sum |x / m_i|^p`` (no overflow, as
+  every term is <= 1); with ``m = max_i m_i`` the norm is
+  ``m * (sum_i (m_i / m)^p t_i)^(1/p)``. Each leaf is scaled by its *own* maximum so
+  that no leaf's reduction depends on all the others: dividing every leaf by one
+  global maximum made XLA's compile time grow quadratically with the leaf count.
+  ``power``/``root`` default to the static-``p`` kernels; a traced ``p`` passes
+  generic ones.
+  """
+  power = power or _power_f32
+  root = root or safe_root
+  ms = [_max_abs(x) for x in leaves]
+  ts = [jnp.sum(power(_abs_f32(x) / jnp.where(m_i > 0, m_i, 1.0), p))
+        for x, m_i in zip(leaves, ms)]
+  ms, ts = jnp.stack(ms), jnp.stack(ts)
+  m = _pmax(jnp.max(ms), axis_name)
   finite = jnp.isfinite(m) & (m > 0)
   m_safe = jnp.where(finite, m, 1.0)
-  s = jnp.zeros((), jnp.float32)
-  for x in leaves:
-    s = s + _power_sum(_abs_f32(x) / m_safe, p)
-  s = _psum(s, axis_name)
-  norm = m_safe * safe_root(s, p)
+  norm = m_safe * root(_psum(jnp.sum(power(ms / m_safe, p) * ts), axis_name), p)
   # With an infinite (or NaN) entry the norm is that entry; with all zeros it is 0.
   return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
 
@@ -240,17 +258,35 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
     return tree_max_abs(leaves, axis_name)
   if p not in (1.0, 2.0):
     # |x|^p over- or underflows for moderate x when p is large: always rescale.
-    return _scaled_norm(leaves, p, tree_max_abs(leaves, axis_name), axis_name)
-  s = jnp.zeros((), jnp.float32)
-  for x in leaves:
-    s = s + _power_sum(x, p)
-  s = _psum(s, axis_name)
+    return _scaled_norm(leaves, p, axis_name)
+  s = _psum(_stacked_sum([_power_sum(x, p) for x in leaves]), axis_name)
   # An infinite sum from finite entries is float32 overflow: redo it scaled. (A NaN
   # sum means a NaN entry; an inf entry comes back as inf from the scaled form.)
-  return lax.cond(jnp.isposinf(s),
-                  lambda: _scaled_norm(leaves, p, tree_max_abs(leaves, axis_name),
-                                       axis_name),
-                  lambda: safe_root(s, p))
+  rescue, plain = _global_branches(p, _hashable(axis_name))
+  return lax.cond(jnp.isposinf(s), rescue, plain, leaves, s)
+
+
+def _hashable(x):
+  return tuple(x) if isinstance(x, list) else x
+
+
+# The branches of the overflow checks are module-level and cached per static
+# argument: lax.cond then traces them once, also outside jit (closures over the
+# arrays would be traced again at every eager call).
+@functools.lru_cache(maxsize=None)
+def _global_branches(p, axis_name):
+  def rescue(leaves, s):
+    # Runs only after an overflow: one flat copy keeps this branch small for XLA
+    # (compile time linear in the leaf count) at a cost paid on that rare step.
+    del s
+    flat = jnp.concatenate([jnp.ravel(_abs_f32(x)) for x in leaves])
+    return _scaled_norm([flat], p, axis_name)
+
+  def plain(leaves, s):
+    del leaves
+    return safe_root(s, p)
+
+  return rescue, plain
 
 
 def _tree_norm_traced_p(leaves, p, axis_name):
@@ -267,33 +303,58 @@ def _tree_norm_traced_p(leaves, p, axis_name):
 
 def _scaled_norm_p(leaves, p, axis_name):
   """The rescaled Lp norm for a traced ``p`` (see :func:`_scaled_norm`)."""
-  m = tree_max_abs(leaves, axis_name)
-  finite = jnp.isfinite(m) & (m > 0)
-  m_safe = jnp.where(finite, m, 1.0)
-  s = jnp.zeros((), jnp.float32)
-  for x in leaves:
-    a = _abs_f32(x) / m_safe
+
+  def power(a, p):
     zero = a == 0
-    s = s + jnp.sum(jnp.where(zero, 0.0, jnp.where(zero, 1.0, a) ** p))
-  s = _psum(s, axis_name)
-  zero = s == 0
-  norm = m_safe * jnp.where(zero, 0.0, jnp.where(zero, 1.0, s) ** (1.0 / p))
-  return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
+    return jnp.where(zero, 0.0, jnp.where(zero, 1.0, a) ** p)
+
+  def root(s, p):
+    return power(s, 1.0 / p)
+
+  return _scaled_norm(leaves, p, axis_name, power, root)
+
+
+def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
+  """L2 norm of each leaf over its ``axes`` (all axes when None), keepdims, float32.
+
+  ``axes`` holds one entry per leaf. One overflow check covers all leaves: if any
+  sum of squares is infinite, every leaf is recomputed in scaled form under a single
+  ``lax.cond``, so compile time does not grow with a ``cond`` per leaf.
+  """
+  leaves = list(leaves)
+  if not leaves:
+    return []
+  axes = tuple(_hashable(a) for a in axes)
+  sums = [jnp.sum(_sq_f32(x), axis=a, keepdims=True) for x, a in zip(leaves, axes)]
+  overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
+  rescue, plain = _leaf_branches(axes)
+  return lax.cond(overflow, rescue, plain, leaves, sums)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_branches(axes):
+  def rescue(leaves, sums):
+    del sums
+    out = []
+    for x, a in zip(leaves, axes):
+      m = _max_abs(x, a, keepdims=True)
+      finite = jnp.isfinite(m) & (m > 0)
+      m_safe = jnp.where(finite, m, 1.0)
+      s2 = jnp.sum(_sq_f32(_abs_f32(x) / m_safe), axis=a, keepdims=True)
+      norm = m_safe * safe_root(s2, 2.0)
+      out.append(jnp.where(finite, norm, jnp.where(m > 0, m, norm)))
+    return out
+
+  def plain(leaves, sums):
+    del leaves
+    return [safe_root(s, 2.0) for s in sums]
+
+  return rescue, plain
 
 
 def leaf_norm(x: Array, axes=None) -> Array:
-  """L2 norm of one leaf over ``axes`` (all axes when None), keepdims, float32."""
-  s = jnp.sum(_sq_f32(x), axis=axes, keepdims=True)
-
-  def rescue():
-    m = _max_abs(x, axes, keepdims=True)
-    finite = jnp.isfinite(m) & (m > 0)
-    m_safe = jnp.where(finite, m, 1.0)
-    s2 = jnp.sum(_sq_f32(_abs_f32(x) / m_safe), axis=axes, keepdims=True)
-    norm = m_safe * safe_root(s2, 2.0)
-    return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
-
-  return lax.cond(jnp.any(jnp.isposinf(s)), rescue, lambda: safe_root(s, 2.0))
+  """L2 norm of one leaf over ``axes`` (see :func:`leaf_norms`), keepdims, float32."""
+  return leaf_norms([x], [axes])[0]
 
 
 def clip_scale(norm: Array, max_norm: Any) -> Array:
