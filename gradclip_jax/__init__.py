@@ -5,6 +5,16 @@ Importing this package pulls in JAX and Optax only; the Flax trainers live in
 """
 
 from gradclip_jax import functional
+from gradclip_jax._adaptive import AdaGCState
+from gradclip_jax._adaptive import AdaptiveGradClipState
+from gradclip_jax._adaptive import AutoClipState
+from gradclip_jax._adaptive import SkipSpikesState
+from gradclip_jax._adaptive import ZClipState
+from gradclip_jax._adaptive import adagc
+from gradclip_jax._adaptive import adaptive_grad_clip
+from gradclip_jax._adaptive import autoclip
+from gradclip_jax._adaptive import skip_spikes
+from gradclip_jax._adaptive import zclip
 from gradclip_jax._clipping import ClipByGlobalNormState
 from gradclip_jax._clipping import ClipByNormState
 from gradclip_jax._clipping import ClipByValueState
@@ -12,6 +22,10 @@ from gradclip_jax._clipping import clip_by_average_norm
 from gradclip_jax._clipping import clip_by_global_norm
 from gradclip_jax._clipping import clip_by_norm
 from gradclip_jax._clipping import clip_by_value
+from gradclip_jax.dp import add_noise
+from gradclip_jax.dp import clipped_grad
+from gradclip_jax.dp import dp_aggregate
+from gradclip_jax.dp import per_example_clip
 
 __version__ = "0.1.0"
 
@@ -19,4 +33,6 @@ __all__ = [
     "ClipByGlobalNormState", "ClipByNormState", "ClipByValueState",
     "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
     "functional",
+    "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "SkipSpikesState",
+    "ZClipState", "adagc", "adaptive_grad_clip", "autoclip", "skip_spikes", "zclip",
 ]

@@ -1,0 +1,491 @@
+"""Tests of gradclip_jax.dp: per-example clipping, noise, clipped_grad (vmap / ghost)."""
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax
+from gradclip_jax import dp
+from gradclip_jax.dp import accounting
+
+KEY = jax.random.key(0)
+
+
+# ------------------------------------------------------------ NumPy reference
+
+
+def np_clip_sum(tree, c):
+  leaves = [np.asarray(l, np.float64) for l in jax.tree.leaves(tree)]
+  b = leaves[0].shape[0]
+  norms = np.sqrt(sum((l.reshape(b, -1) ** 2).sum(1) for l in leaves))
+  fin = np.isfinite(norms)
+  with np.errstate(all="ignore"):
+    scale = np.where(norms > c, c / np.where(norms > 0, norms, 1), 1.0)
+  scale = np.where(fin, scale, 0.0)
+  with np.errstate(all="ignore"):
+    out = [np.sum(np.where(fin.reshape((-1,) + (1,) * (l.ndim - 1)),
+                           l * scale.reshape((-1,) + (1,) * (l.ndim - 1)), 0), 0)
+           for l in leaves]
+  return out, norms
+
+
+def per_ex_tree(b=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(b, 3, 4)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(b, 4)) * 3, jnp.float32)}
+
+
+# ----------------------------------------------------------- per_example_clip
+
+
+class PerExampleClipTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy(self):
+    g = per_ex_tree()
+    tx = gradclip_jax.per_example_clip(2.0)
+    out, st = self.variant(tx.update)(g, tx.init(None))
+    ref, norms = np_clip_sum(g, 2.0)
+    for a, r in zip(jax.tree.leaves(out), ref):
+      np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+    self.assertAlmostEqual(float(optax.tree_utils.tree_get(st, "mean_example_norm")),
+                           norms.mean(), places=4)
+    self.assertAlmostEqual(float(optax.tree_utils.tree_get(st, "max_example_norm")),
+                           norms.max(), places=4)
+    self.assertAlmostEqual(float(optax.tree_utils.tree_get(st, "fraction_clipped")),
+                           (norms > 2.0).mean())
+    self.assertEqual(int(st.num_clipped), 1)
+    self.assertEqual(int(st.num_nonfinite), 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_example_is_zero_and_counted(self):
+    g = per_ex_tree()
+    g["w"] = g["w"].at[1, 0, 0].set(jnp.nan)
+    g["b"] = g["b"].at[3, 0].set(jnp.inf)
+    tx = gradclip_jax.per_example_clip(1.0)
+    out, st = self.variant(tx.update)(g, tx.init(None))
+    ref, _ = np_clip_sum(g, 1.0)
+    for a, r in zip(jax.tree.leaves(out), ref):
+      self.assertTrue(np.all(np.isfinite(a)))
+      np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+    self.assertEqual(int(st.num_nonfinite), 2)
+    self.assertTrue(np.isfinite(float(st.mean_example_norm)))
+
+  def test_bf16_keeps_dtype_and_accumulates_f32(self):
+    g = jax.tree.map(lambda x: (x * 100).astype(jnp.bfloat16), per_ex_tree(b=64))
+    tx = gradclip_jax.per_example_clip(1.0)
+    out, _ = tx.update(g, tx.init(None))
+    ref, _ = np_clip_sum(jax.tree.map(lambda x: x.astype(jnp.float32), g), 1.0)
+    for a, r in zip(jax.tree.leaves(out), ref):
+      self.assertEqual(a.dtype, jnp.bfloat16)
+      np.testing.assert_allclose(np.asarray(a, np.float32), r, rtol=2e-2, atol=2e-2)
+
+  def test_inf_threshold_is_plain_sum(self):
+    g = per_ex_tree()
+    tx = gradclip_jax.per_example_clip(math.inf)
+    out, st = tx.update(g, tx.init(None))
+    for a, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+      np.testing.assert_allclose(a, x.sum(0), rtol=1e-6)
+    self.assertEqual(int(st.num_clipped), 0)
+
+  def test_zero_example_and_zero_threshold(self):
+    g = jax.tree.map(jnp.zeros_like, per_ex_tree())
+    tx = gradclip_jax.per_example_clip(0.0)
+    out, _ = tx.update(g, tx.init(None))
+    for a in jax.tree.leaves(out):
+      np.testing.assert_array_equal(a, 0.0)
+
+  def test_per_layer(self):
+    g = per_ex_tree()
+    tx = gradclip_jax.per_example_clip(2.0, per_layer=True)
+    out, _ = tx.update(g, tx.init(None))
+    c = 2.0 / math.sqrt(2)
+    for a, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+      ref, _ = np_clip_sum([x], c)
+      np.testing.assert_allclose(a, ref[0], rtol=1e-5, atol=1e-6)
+    # Each example's whole norm is then <= C.
+    clipped = [np_clip_sum([x[i:i + 1]], c)[0][0] for x in jax.tree.leaves(g)
+               for i in range(5)]
+    del clipped
+
+  def test_bad_input(self):
+    tx = gradclip_jax.per_example_clip(1.0)
+    with pytest.raises(ValueError, match="leading batch axis"):
+      tx.update({"a": jnp.ones(())}, tx.init(None))
+    with pytest.raises(ValueError, match="batch size"):
+      tx.update({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}, tx.init(None))
+    with pytest.raises(TypeError, match="dtype"):
+      tx.update({"a": jnp.ones((2, 3), jnp.int32)}, tx.init(None))
+    with pytest.raises(ValueError, match="negative"):
+      gradclip_jax.per_example_clip(-1.0)
+    with pytest.raises(ValueError, match="NaN"):
+      gradclip_jax.per_example_clip(float("nan"))
+
+
+class NoiseTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_reproducible_and_stddev(self):
+    tx = gradclip_jax.add_noise(2.0, 0.5, seed=3)
+    g = {"a": jnp.zeros((200, 100)), "b": jnp.zeros((10,), jnp.bfloat16)}
+    upd = self.variant(tx.update)
+    o1, s1 = upd(g, tx.init(g))
+    o1b, _ = upd(g, tx.init(g))
+    o2, s2 = upd(g, s1)
+    np.testing.assert_array_equal(o1["a"], o1b["a"])
+    self.assertFalse(np.allclose(o1["a"], o2["a"]))
+    self.assertEqual(o1["b"].dtype, jnp.bfloat16)
+    self.assertAlmostEqual(float(jnp.std(o1["a"])), 1.0, delta=0.03)
+    self.assertEqual(int(s2.count), 2)
+    o3, _ = tx.update(g, gradclip_jax.add_noise(2.0, 0.5, seed=4).init(g))
+    self.assertFalse(np.allclose(o1["a"], o3["a"]))
+
+  def test_dp_aggregate(self):
+    g = per_ex_tree()
+    tx = gradclip_jax.dp_aggregate(1.0, 0.0, seed=0)
+    out, st = tx.update(g, tx.init(None))
+    ref, _ = np_clip_sum(g, 1.0)
+    for a, r in zip(jax.tree.leaves(out), ref):
+      np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+    self.assertGreater(float(optax.tree_utils.tree_get(st, "mean_example_norm")), 0)
+
+  def test_bad_noise(self):
+    with pytest.raises(ValueError):
+      gradclip_jax.add_noise(-1.0, 1.0, 0)
+    with pytest.raises(ValueError):
+      gradclip_jax.add_noise(1.0, math.inf, 0)
+
+
+# -------------------------------------------------------------- models for ghost
+
+
+def ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+class MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.LayerNorm()(x)
+    return nn.Dense(3)(x)
+
+
+class ConvNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = nn.Conv(5, (3,), strides=2, use_bias=False)(x.reshape(x.shape[0], -1, 4))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+class RNNClassifier(nn.Module):
+
+  @nn.compact
+  def __call__(self, tok, lengths):
+    e = nn.Embed(50, 8)(tok)
+    h = nn.RNN(nn.LSTMCell(12))(e, seq_lengths=lengths)
+    mask = jnp.arange(tok.shape[1])[None] < lengths[:, None]
+    pooled = jnp.sum(h * mask[..., None], 1) / lengths[:, None]
+    return nn.Dense(2)(pooled)
+
+
+class LSTMLM(nn.Module):
+
+  @nn.compact
+  def __call__(self, tok):
+    e = nn.Embed(30, 8)(tok)
+    h = nn.RNN(nn.LSTMCell(10))(e)
+    h = nn.RNN(nn.GRUCell(10), reverse=True, keep_order=False)(h)
+    h = nn.DenseGeneral((2, 5))(h).reshape(h.shape[:2] + (10,))
+    return nn.Dense(30)(h)
+
+
+class Mixed(nn.Module):
+  """Covered layers, a raw parameter in a module with submodules, a remat'ed Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(), (5, 7))
+    h = nn.tanh(x @ w)
+    shared = nn.Dense(7)
+    h = shared(shared(h))  # one module called twice: handled exactly
+    h = nn.remat(nn.Dense)(6)(h)
+    return nn.Dense(3)(h)
+
+
+def _data(b=6, t=7, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = jnp.asarray(rng.integers(1, t + 1, size=b))
+  tok = jnp.asarray(rng.integers(1, 50, size=(b, t)))
+  tok = jnp.where(jnp.arange(t)[None] < lengths[:, None], tok, 0)
+  return tok, lengths, jnp.asarray(rng.integers(0, 2, size=b))
+
+
+def _setup(name, b=6):
+  rng = np.random.default_rng(1)
+  y = jnp.asarray(rng.integers(0, 3, size=b))
+  if name == "mlp":
+    m, x = MLP(), jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
+    p = m.init(KEY, x)
+    return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
+  if name == "conv":
+    m, x = ConvNet(), jnp.asarray(rng.normal(size=(b, 8, 8, 2)), jnp.float32)
+    p = m.init(KEY, x)
+    return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
+  if name == "rnn_cls":
+    tok, lengths, y2 = _data(b)
+    m = RNNClassifier()
+    p = m.init(KEY, tok, lengths)
+    return (lambda p, t, l, y: ce(m.apply(p, t, l), y)), p, (tok, lengths, y2)
+  if name == "lm":
+    tok = jnp.asarray(rng.integers(0, 30, size=(b, 7)))
+    m = LSTMLM()
+    p = m.init(KEY, tok)
+    # one loss per sequence: the mean over its tokens.
+    return (lambda p, t: ce(m.apply(p, t)[:, :-1], t[:, 1:]).mean(-1)), p, (tok,)
+  if name == "mixed":
+    m, x = Mixed(), jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
+    p = m.init(KEY, x)
+    return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
+  raise ValueError(name)
+
+
+def tree_rel(a, b):
+  num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a),
+                                                         jax.tree.leaves(b)))
+  den = sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(a))
+  return math.sqrt(num / max(den, 1e-30))
+
+
+def both(loss_fn, params, batch, max_norm=1.0, **kw):
+  out = {}
+  for m in ("vmap", "ghost"):
+    f = jax.jit(dp.clipped_grad(loss_fn, max_norm=max_norm, method=m,
+                                return_norms=True, **kw))
+    out[m] = f(params, *batch)
+  return out
+
+
+# ---------------------------------------------------------------- clipped_grad
+
+
+def test_vmap_matches_per_example_clip():
+  loss_fn, p, batch = _setup("mlp")
+  g, norms = dp.clipped_grad(loss_fn, max_norm=0.5, method="vmap",
+                             return_norms=True)(p, *batch)
+  pe = jax.vmap(jax.grad(lambda p, x, y: loss_fn(p, x[None], y[None])[0]),
+                in_axes=(None, 0, 0))(p, *batch)
+  ref, ref_norms = np_clip_sum(pe, 0.5)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  for a, r in zip(jax.tree.leaves(g), ref):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_microbatch_normalize_aux():
+  loss_fn, p, batch = _setup("mlp")
+  aux_fn = lambda p, x, y: (loss_fn(p, x, y), {"n": jnp.sum(y)})
+  full = dp.clipped_grad(loss_fn, max_norm=0.5, method="vmap")(p, *batch)
+  g, norms, aux = jax.jit(dp.clipped_grad(aux_fn, max_norm=0.5, method="vmap",
+                                          microbatch_size=2, normalize_by=6.0,
+                                          has_aux=True, return_norms=True))(p, *batch)
+  assert norms.shape == (6,)
+  assert aux["n"].shape == (3,)  # one aux per microbatch
+  assert tree_rel(jax.tree.map(lambda x: x / 6, full), g) < 1e-6
+  with pytest.raises(ValueError, match="multiple"):
+    dp.clipped_grad(loss_fn, max_norm=1.0, microbatch_size=4)(p, *batch)
+  with pytest.raises(ValueError, match="per-example"):
+    dp.clipped_grad(lambda p, x, y: loss_fn(p, x, y).mean(), max_norm=1.0,
+                    method="ghost")(p, *batch)
+  with pytest.raises(ValueError, match="method"):
+    dp.clipped_grad(loss_fn, max_norm=1.0, method="nope")
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "rnn_cls", "lm", "mixed"])
+def test_ghost_matches_vmap(name):
+  loss_fn, p, batch = _setup(name)
+  out = both(loss_fn, p, batch, max_norm=0.3)
+  nv, ng = out["vmap"][1], out["ghost"][1]
+  np.testing.assert_allclose(ng, nv, rtol=1e-5)
+  assert np.all(nv > 0.3)  # every example is actually clipped
+  assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
+
+
+def test_coverage_report():
+  cov = dp.ghost_coverage(*_setup("mixed")[:2], *_setup("mixed")[2])
+  assert cov["params/w"] == "per-example fallback"
+  assert cov["params/CheckpointDense_0/kernel"] == "per-example fallback"
+  assert cov["params/Dense_0/kernel"] == "dense"  # the shared one, called twice
+  assert cov["params/Dense_1/kernel"] == "dense"
+  cov = dp.ghost_coverage(*_setup("rnn_cls")[:2], *_setup("rnn_cls")[2])
+  assert cov["params/Embed_0/embedding"] == "embed"
+  assert cov["params/LSTMCell_0/hi/kernel"] == "rnn-cell-dense"
+  assert cov["params/LSTMCell_0/ii/kernel"] == "rnn-cell-dense"
+  assert all(v != "per-example fallback" for v in cov.values()), cov
+  cov = dp.ghost_coverage(*_setup("conv")[:2], *_setup("conv")[2])
+  assert cov["params/Conv_0/kernel"] == "layer-local:Conv"
+
+
+def test_padding_steps_do_not_count():
+  loss_fn, p, (tok, lengths, y) = _setup("rnn_cls")
+  f = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.3, method="ghost", return_norms=True))
+  g1, n1 = f(p, tok, lengths, y)
+  pad = jnp.arange(tok.shape[1])[None] >= lengths[:, None]
+  tok2 = jnp.where(pad, 7, tok)  # garbage in the padded positions
+  g2, n2 = f(p, tok2, lengths, y)
+  np.testing.assert_allclose(n1, n2, rtol=1e-6)
+  assert tree_rel(g1, g2) < 1e-6
+
+
+def test_ghost_microbatch_and_auto():
+  loss_fn, p, batch = _setup("rnn_cls")
+  g, n = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.3, method="auto",
+                                 microbatch_size=3, return_norms=True))(p, *batch)
+  ref = both(loss_fn, p, batch, max_norm=0.3)["vmap"]
+  np.testing.assert_allclose(n, ref[1], rtol=1e-5)
+  assert tree_rel(ref[0], g) < 1e-5
+  # A loss with no linen module: auto is vmap.
+  plain = lambda w, x: jnp.sum((x @ w) ** 2, axis=1)
+  w = jnp.ones((3, 2))
+  x = jnp.arange(12.0).reshape(4, 3)
+  g = dp.clipped_grad(plain, max_norm=1.0)(w, x)
+  assert g.shape == (3, 2)
+
+
+def test_project_lstm_classifier_layer_local():
+  from gradclip_jax.training.classify.models import LSTMClassifier  # pylint: disable=import-outside-toplevel
+  m = LSTMClassifier(vocab_size=40, embed_dim=8, hidden_size=6, dropout=0.0)
+  tok, lengths, y = _data(4, 9)
+  tok = tok % 40
+  mask = jnp.arange(9)[None] < lengths[:, None]
+  p = m.init(KEY, tok, mask)
+  lf = lambda p, t, mk, y: ce(m.apply(p, t, mk), y)
+  cov = dp.ghost_coverage(lf, p, tok, mask, y)
+  assert cov["params/embed/embedding"] == "embed"
+  assert cov["params/lstm_0/recurrent_kernel"] == "layer-local:LSTMLayer"
+  out = both(lf, p, (tok, mask, y), max_norm=0.1)
+  np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
+  assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+def test_edge_zero_example_inf_threshold_batch_one():
+  loss_fn, p, (x, y) = _setup("mlp")
+  wt = jnp.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # example 1 has a zero gradient
+  lf = lambda p, x, y, w: loss_fn(p, x, y) * w
+  out = both(lf, p, (x, y, wt), max_norm=0.5)
+  assert float(out["ghost"][1][1]) == 0.0
+  np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
+  assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
+  # max_norm = inf: the plain gradient of the summed loss.
+  g = dp.clipped_grad(loss_fn, max_norm=math.inf, method="ghost")(p, x, y)
+  ref = jax.grad(lambda p: loss_fn(p, x, y).sum())(p)
+  assert tree_rel(ref, g) < 1e-5
+  # batch size 1
+  out = both(loss_fn, p, (x[:1], y[:1]), max_norm=0.5)
+  np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
+  assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mlp", "rnn_cls"])
+def test_edge_nan_example(name):
+  loss_fn, p, batch = _setup(name)
+  if name == "mlp":
+    batch = (batch[0].at[2, 0].set(jnp.nan),) + batch[1:]
+  bad = lambda p, *b: b[-1] * loss_fn(p, *b[:-1])
+  w = jnp.where(jnp.arange(6) == 4, jnp.nan, 1.0)
+  out = both(bad, p, batch + (w,), max_norm=0.3)
+  keep = np.array([i not in (2, 4) for i in range(6)]) if name == "mlp" else \
+      np.array([i != 4 for i in range(6)])
+  for m in ("vmap", "ghost"):
+    g, n = out[m]
+    assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(g)), m
+    assert not np.isfinite(n[4])
+  sub = tuple(x[keep] for x in batch)
+  ref = both(loss_fn, p, sub, max_norm=0.3)["vmap"][0]
+  assert tree_rel(ref, out["ghost"][0]) < 1e-5
+  assert tree_rel(ref, out["vmap"][0]) < 1e-5
+
+
+# ----------------------------------------------------------------- refusals
+
+
+def test_refuses_batchnorm_and_tied_embedding():
+
+  class BN(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=False, name="bn")(nn.Dense(4)(x))
+
+  x = jnp.ones((3, 2))
+  m = BN()
+  v = m.init(KEY, x)
+  lf = lambda p, x: m.apply({**v, "params": p}, x, mutable=["batch_stats"])[0].sum(-1)
+  with pytest.raises(ValueError, match="BatchNorm layer bn"):
+    dp.clipped_grad(lf, max_norm=1.0, method="ghost")(v["params"], x)
+
+  class Tied(nn.Module):
+
+    @nn.compact
+    def __call__(self, t):
+      emb = nn.Embed(10, 4, name="tok_embed")
+      return emb.attend(emb(t))
+
+  t = jnp.ones((3, 5), jnp.int32)
+  m2 = Tied()
+  p2 = m2.init(KEY, t)
+  lf2 = lambda p, t: ce(m2.apply(p, t), t).mean(-1)
+  with pytest.raises(ValueError, match="tok_embed.*tied"):
+    dp.clipped_grad(lf2, max_norm=1.0, method="ghost")(p2, t)
+  # vmap still works for it.
+  g = dp.clipped_grad(lf2, max_norm=1.0, method="vmap")(p2, t)
+  assert np.all(np.isfinite(g["params"]["tok_embed"]["embedding"]))
+
+
+# ------------------------------------------------------------------ accounting
+
+
+def test_accounting_roundtrip():
+  pytest.importorskip("dp_accounting")
+  q, steps, delta = 256 / 25000, 500, 1e-5
+  s = accounting.noise_multiplier_for_epsilon(3.0, delta, q, steps)
+  eps = accounting.epsilon_spent(s, q, steps, delta)
+  assert eps <= 3.0 + 1e-6 and eps > 2.9
+  assert accounting.epsilon_spent(s * 1.5, q, steps, delta) < eps
+  assert accounting.epsilon_spent(s, q, 0, delta) == 0.0
+  assert accounting.epsilon_spent(0.0, q, 1, delta) == math.inf
+  with pytest.raises(ValueError):
+    accounting.epsilon_spent(1.0, 0.0, 10, delta)
+
+
+def test_train_step_snippet():
+  """The trainer integration: clipped_grad -> add_noise -> scale(1/B) -> optimizer."""
+  loss_fn, p, batch = _setup("mlp")
+  b = batch[0].shape[0]
+  tx = optax.chain(gradclip_jax.add_noise(1.0, 0.5, seed=0), optax.scale(1.0 / b),
+                   optax.sgd(0.1))
+  grad_fn = gradclip_jax.clipped_grad(loss_fn, max_norm=0.5, return_norms=True)
+
+  @jax.jit
+  def step(params, opt_state, *batch):
+    grads, norms = grad_fn(params, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, norms
+
+  s = tx.init(p)
+  p1, s1, norms = step(p, s, *batch)
+  p1b, _, _ = step(p, tx.init(p), *batch)
+  chex.assert_trees_all_close(p1, p1b)  # same seed, same noise
+  assert norms.shape == (b,)
+  p2, _, _ = step(p1, s1, *batch)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p2))
