@@ -1,0 +1,344 @@
+"""``gradclip ptb``: train the PTB LSTM language model with a gradient clipping rule.
+
+The recipe of TensorFlow's ``ptb_word_lm.py`` / Zaremba et al. (2014): SGD through
+``optax.chain(<clip rule>, optax.sgd(lr))`` (by default
+``gradclip_jax.clip_by_global_norm(max_grad_norm)``), learning rate
+``lr * lr_decay ** max(epoch - max_epoch, 0)`` for 1-based ``epoch``, truncated
+back-propagation over windows of ``num_steps`` with the LSTM state carried across
+windows (reset at the start of every epoch), cost = batch-mean cross-entropy summed
+over the window.
+
+One jitted, buffer-donating train step per window; per-epoch metrics go to
+``WORKDIR/metrics.jsonl``, orbax checkpoints to ``WORKDIR/checkpoints``. With several
+devices the batch is sharded over a 1-D mesh and parameters are replicated.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gradclip_jax.training import common
+from gradclip_jax.training.ptb import configs, input_pipeline, models
+
+log = logging.getLogger(__name__)
+
+# Window length used to evaluate the test set with batch size 1; since the LSTM state is
+# carried across windows this equals the tutorial's batch_size=1, num_steps=1 evaluation.
+TEST_WINDOW = 1000
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Flags of ``gradclip ptb``."""
+  parser.add_argument("--config", choices=sorted(configs.CONFIGS), default="small",
+                      help="tutorial configuration (default small)")
+  common.add_common_arguments(parser, default_clip="global_norm")
+  parser.add_argument("--max-tokens", type=int, default=None,
+                      help="use only the first N tokens of each split (smoke runs)")
+
+
+def main(args: argparse.Namespace) -> int:
+  records = train_and_evaluate(args)
+  return 0 if records else 1
+
+
+# ---------------------------------------------------------------------------
+# State, steps.
+# ---------------------------------------------------------------------------
+
+
+def build_model(config: configs.Config) -> models.PTBModel:
+  return models.PTBModel(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                         num_layers=config.num_layers, init_scale=config.init_scale,
+                         keep_prob=config.keep_prob)
+
+
+def build_optimizer(config: configs.Config, clip: optax.GradientTransformation,
+                    epoch_size: int) -> optax.GradientTransformation:
+  """``chain(clip, sgd(lr))`` with the tutorial's per-epoch learning-rate decay."""
+
+  def schedule(count):
+    epoch = count // epoch_size  # 0-based
+    exponent = jnp.maximum(epoch + 1 - config.max_epoch, 0).astype(jnp.float32)
+    return config.learning_rate * jnp.float32(config.lr_decay) ** exponent
+
+  return optax.chain(clip, optax.sgd(schedule))
+
+
+def zero_accumulators() -> dict[str, jax.Array]:
+  """Per-epoch training metrics, accumulated on device inside the train step."""
+  return {"cost": jnp.zeros((), jnp.float32), "words": jnp.zeros((), jnp.float32),
+          "grad_norm_sum": jnp.zeros((), jnp.float32),
+          "grad_norm_max": jnp.zeros((), jnp.float32),
+          "clipped": jnp.zeros((), jnp.int32), "steps": jnp.zeros((), jnp.int32)}
+
+
+def init_state(model: models.PTBModel, tx: optax.GradientTransformation,
+               config: configs.Config, seed: int) -> dict[str, Any]:
+  """Everything the train step updates (and a checkpoint stores)."""
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  carry = model.initial_carry(config.batch_size)
+  tokens = jnp.zeros((config.batch_size, config.num_steps), jnp.int32)
+  params = jax.jit(model.init)(init_key, carry, tokens)["params"]
+  state = {"params": params, "opt_state": tx.init(params), "carry": carry,
+           "key": jax.random.key_data(dropout_key), "step": jnp.zeros((), jnp.int32),
+           "acc": zero_accumulators()}
+  # Distinct buffers for every leaf (an optimizer state may share one array between
+  # fields), since the train step donates them all.
+  return jax.tree.map(jnp.copy, state)
+
+
+def state_shardings(state: dict[str, Any], mesh) -> Any:
+  """Batch-sharded LSTM carry, everything else replicated."""
+  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(common.DATA_AXIS))
+  out = jax.tree.map(lambda _: rep, state)
+  out["carry"] = jax.tree.map(lambda _: batch, state["carry"])
+  return out
+
+
+def place_state(state: dict[str, Any], mesh) -> dict[str, Any]:
+  if mesh is None:
+    return jax.device_put(state)
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
+                    state_sharding=None, batch_sharding=None):
+  """The jitted train step ``state, x, y -> state`` (state donated)."""
+
+  def train_step(state, x, y):
+    params = state["params"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+
+    def loss_fn(p):
+      carry, logits = model.apply({"params": p}, state["carry"], x, train=True,
+                                  rngs={"dropout": key})
+      return models.sequence_cost(logits, y), carry
+
+    (cost, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    grad_norm = common.grad_norm(grads, opt_state)
+    params = optax.apply_updates(params, updates)
+    clipped = common.clipped_this_step(state["opt_state"], opt_state)
+    acc = state["acc"]
+    acc = {"cost": acc["cost"] + cost,
+           "words": acc["words"] + y.shape[1],
+           "grad_norm_sum": acc["grad_norm_sum"] + grad_norm,
+           "grad_norm_max": jnp.maximum(acc["grad_norm_max"], grad_norm),
+           "clipped": acc["clipped"] + clipped.astype(jnp.int32),
+           "steps": acc["steps"] + 1}
+    return {"params": params, "opt_state": opt_state, "carry": carry, "key": state["key"],
+            "step": state["step"] + 1, "acc": acc}
+
+  if state_sharding is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                 out_shardings=state_sharding)
+
+
+def make_eval_step(model: models.PTBModel):
+  """The jitted ``params, carry, x, y, mask -> carry, summed cross-entropy``."""
+
+  def eval_step(params, carry, x, y, mask):
+    carry, logits = model.apply({"params": params}, carry, x, train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y.T)
+    return carry, jnp.sum(ce * mask.T)
+
+  return jax.jit(eval_step, donate_argnums=1)
+
+
+def evaluate(model, eval_step, params, ids: np.ndarray, batch_size: int, num_steps: int,
+             mesh=None, *, full: bool = False) -> float:
+  """Perplexity ``exp(mean cross-entropy)`` of ``ids``, state carried across windows.
+
+  ``full=False``: the tutorial's validation (``batch_size`` rows, windows of
+  ``num_steps``, the incomplete last window dropped). ``full=True``: every token of the
+  stream predicted from all previous ones, as the tutorial's test run with
+  ``batch_size=1, num_steps=1`` (here batch 1 in windows of ``num_steps``, padded).
+  """
+  if full:
+    x = np.asarray(ids[:-1], np.int32)
+    y = np.asarray(ids[1:], np.int32)
+    n = len(x)
+    windows = -(-n // num_steps)
+    pad = windows * num_steps - n
+    xs = np.pad(x, (0, pad)).reshape(windows, 1, num_steps)
+    ys = np.pad(y, (0, pad)).reshape(windows, 1, num_steps)
+    masks = (np.arange(windows * num_steps) < n).astype(np.float32).reshape(xs.shape)
+    place = lambda a: common.replicate(a, mesh)
+    batch_size, count = 1, n
+  else:
+    xs, ys = input_pipeline.batchify(ids, batch_size, num_steps)
+    masks = np.ones(xs.shape[1:], np.float32)
+    masks = np.broadcast_to(masks, xs.shape)
+    place = lambda a: common.shard_batch(a, mesh)
+    count = xs.size
+  carry = model.initial_carry(batch_size)
+  carry = place(carry)
+  total = jnp.zeros((), jnp.float32)
+  for x, y, m in zip(xs, ys, masks):
+    carry, ce = eval_step(params, carry, place(x), place(y), place(m))
+    total = total + ce
+  return math.exp(float(total) / count)
+
+
+# ---------------------------------------------------------------------------
+# Training loop.
+# ---------------------------------------------------------------------------
+
+
+def _zeros_like(tree):
+  """Zeros with the shapes, dtypes and shardings of ``tree``."""
+  return jax.tree.map(
+      lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), tree)
+
+
+def _epoch_record(epoch: int, lr: float, acc: dict, wps: float) -> dict[str, Any]:
+  acc = jax.device_get(acc)
+  steps = max(int(acc["steps"]), 1)
+  return {"epoch": epoch, "lr": lr,
+          "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
+          "wps": wps,
+          "grad_norm_mean": float(acc["grad_norm_sum"]) / steps,
+          "grad_norm_max": float(acc["grad_norm_max"]),
+          "clip_fraction": int(acc["clipped"]) / steps}
+
+
+def load_data(args: argparse.Namespace, config: configs.Config) -> input_pipeline.PTBData:
+  data = input_pipeline.load_ptb(args.data_dir, vocab_size=config.vocab_size)
+  if args.max_tokens:
+    n = args.max_tokens
+    data = data._replace(train=data.train[:n], valid=data.valid[:n], test=data.test[:n])
+  return data
+
+
+def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Runs ``gradclip ptb``; returns the records written to ``metrics.jsonl``."""
+  config = configs.get_config(args.config)
+  max_epochs = args.max_epochs or config.max_max_epoch
+  data = load_data(args, config)
+  xs, ys = input_pipeline.batchify(data.train, config.batch_size, config.num_steps)
+  epoch_size = len(xs)
+
+  num_devices = common.num_data_devices(config.batch_size, args.num_devices)
+  mesh = common.make_mesh(num_devices)
+  model = build_model(config)
+  clip = common.build_clip(args.clip, args.clip_value, config.max_grad_norm)
+  tx = build_optimizer(config, clip, epoch_size)
+  state = place_state(init_state(model, tx, config, args.seed), mesh)
+  if mesh is None:
+    train_step = make_train_step(model, tx)
+  else:
+    train_step = make_train_step(model, tx, state_shardings(state, mesh),
+                                 NamedSharding(mesh, P(common.DATA_AXIS)))
+  eval_step = make_eval_step(model)
+  shard = lambda a: common.shard_batch(a, mesh)
+
+  ckpt = common.Checkpointer(args.workdir)
+  meta = {"epoch": 0, "pos": 0, "global_step": 0, "elapsed": 0.0, "records": []}
+  if args.resume and ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    log.info("resumed from step %d (epoch %d, window %d)", meta["global_step"],
+             meta["epoch"] + 1, meta["pos"])
+  elif args.resume:
+    log.info("--resume: no checkpoint in %s, starting afresh", ckpt.directory)
+  writer = common.MetricsWriter(args.workdir, meta["records"])
+  if meta.get("done"):
+    ckpt.close()
+    return writer.records
+
+  print(f"PTB {args.config}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
+        f"{max_epochs} epochs, clip={args.clip}, {num_devices} device(s)", flush=True)
+  epoch, pos, global_step = meta["epoch"], meta["pos"], meta["global_step"]
+  elapsed = meta["elapsed"]  # seconds spent in the current epoch before a resume
+
+  def save(done=False):
+    ckpt.save(global_step, state, {"epoch": epoch, "pos": pos, "global_step": global_step,
+                                   "elapsed": elapsed, "records": writer.records,
+                                   "done": done})
+
+  stopped = False
+  while epoch < max_epochs:
+    if args.max_steps is not None and global_step >= args.max_steps:
+      stopped = True
+      break
+    if pos == 0:  # the tutorial resets the LSTM state at the start of every epoch
+      state["carry"] = _zeros_like(state["carry"])
+      state["acc"] = _zeros_like(state["acc"])
+      elapsed = 0.0
+    lr = config.lr_at(epoch)
+    bar = common.progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}",
+                              initial=pos, disable=args.no_progress)
+    t0 = time.perf_counter()
+    words_per_step = config.batch_size * config.num_steps
+    while pos < epoch_size:
+      if args.max_steps is not None and global_step >= args.max_steps:
+        stopped = True
+        break
+      state = train_step(state, shard(xs[pos]), shard(ys[pos]))
+      pos += 1
+      global_step += 1
+      bar.update(1)
+      if pos % 20 == 0 or pos == epoch_size:
+        jax.block_until_ready(state["step"])
+        dt = elapsed + time.perf_counter() - t0
+        bar.set_postfix(wps=f"{pos * words_per_step / dt:,.0f}" if dt else "-",
+                        refresh=False)
+      if args.checkpoint_every and global_step % args.checkpoint_every == 0 \
+          and pos < epoch_size:
+        jax.block_until_ready(state)
+        elapsed += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save()
+    jax.block_until_ready(state)
+    elapsed += time.perf_counter() - t0
+    bar.close()
+    wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
+    record = _epoch_record(epoch + 1, lr, state["acc"], wps)
+    if stopped and pos < epoch_size:
+      save()  # mid-epoch stop: resumable; the partial record is not kept on resume
+      record["partial"] = True
+      record["steps"] = pos
+      record["valid_ppl"] = evaluate(model, eval_step, state["params"], data.valid,
+                                     config.batch_size, config.num_steps, mesh)
+      writer.write(record)
+      writer.records.pop()  # not part of the resumable history (see save() above)
+      print(f"Stopped at --max-steps {args.max_steps} (epoch {epoch + 1}, window {pos}): "
+            f"train ppl {record['train_ppl']:.2f}, valid ppl {record['valid_ppl']:.2f}",
+            flush=True)
+      ckpt.close()
+      return writer.records + [record]
+    record["valid_ppl"] = evaluate(model, eval_step, state["params"], data.valid,
+                                   config.batch_size, config.num_steps, mesh)
+    print(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
+          f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  "
+          f"grad norm mean {record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  "
+          f"clipped {record['clip_fraction']:.1%}", flush=True)
+    writer.write(record)
+    epoch, pos, elapsed = epoch + 1, 0, 0.0
+    save()
+
+  if stopped:
+    print(f"Stopped at --max-steps {args.max_steps} after epoch {epoch}", flush=True)
+  else:
+    test_ppl = evaluate(model, eval_step, state["params"], data.test, 1, TEST_WINDOW, mesh,
+                        full=True)
+    print(f"Test ppl {test_ppl:.3f}", flush=True)
+    writer.write({"epoch": epoch, "test_ppl": test_ppl})
+    save(done=True)
+  ckpt.close()
+  return writer.records
