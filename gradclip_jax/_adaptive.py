@@ -443,8 +443,9 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
 
   def init_fn(params):
     del params
-    zero = jnp.zeros((), jnp.float32)
-    return ZClipState(mean=zero, var=zero, count=_zero_count(), global_norm=zero,
+    # Distinct buffers per field, so the state can be donated to a jitted step.
+    zero = lambda: jnp.zeros((), jnp.float32)
+    return ZClipState(mean=zero(), var=zero(), count=_zero_count(), global_norm=zero(),
                       max_norm=jnp.full((), jnp.inf, jnp.float32),
                       num_clipped=_zero_count())
 
@@ -679,10 +680,10 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.float32)
+    zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: donatable state
     return SkipSpikesState(
-        inner_state=inner.init(params), mean=zero, var=zero, count=_zero_count(),
-        global_norm=zero, max_norm=jnp.full((), jnp.inf, jnp.float32),
+        inner_state=inner.init(params), mean=zero(), var=zero(), count=_zero_count(),
+        global_norm=zero(), max_norm=jnp.full((), jnp.inf, jnp.float32),
         num_skipped=_zero_count(), num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -632,3 +632,13 @@ def test_adaptive_rules_bound_spikes_a_fixed_clip_does_not():
   # spikes pass at 1.5, i.e. ~10-30x the normal update; unclipped is ~100x.
   assert ratios["fixed clip 1.5"][-1] > 10, ratios["fixed clip 1.5"]
   assert np.all(ratios["unclipped"] > 80), ratios["unclipped"]
+
+
+def test_states_can_be_donated():
+  """No two state fields share a buffer, so a jitted step may donate the state."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  for tx in (gradclip_jax.adaptive_grad_clip(), gradclip_jax.autoclip(), gradclip_jax.zclip(), gradclip_jax.adagc(),
+             gradclip_jax.skip_spikes(optax.adam(1e-3))):
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[1], donate_argnums=1)
+    step(params, state, params)  # raises if a buffer is donated twice
