@@ -193,10 +193,8 @@ def _pmax(x: Array, axis_name: AxisName) -> Array:
 
 
 def _max_abs(x: Array, axes=None, keepdims=False) -> Array:
-  if x.size == 0:
-    shape = jnp.sum(jnp.zeros(x.shape, jnp.float32), axis=axes, keepdims=keepdims)
-    return shape
-  return jnp.max(_abs_f32(x), axis=axes, keepdims=keepdims)
+  """max |x| in float32; 0 for an empty array (|x| >= 0, so ``initial`` is neutral)."""
+  return jnp.max(_abs_f32(x), axis=axes, keepdims=keepdims, initial=0.0)
 
 
 def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
