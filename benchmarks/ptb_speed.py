@@ -52,6 +52,14 @@ def _time(step, state, xs, ys, start, n):
 
 
 def bench(args, name):
+  """Times config ``name``, prints the summary; returns (words/s with clip, ratio)."""
+  r = measure(name, args.steps, args.repeats, args.warmup, args.data_dir)
+  return r["wps_clip"], r["ratio"]
+
+
+def measure(name, steps=50, repeats=5, warmup=10, data_dir=None):
+  """Words/s of config ``name`` with and without clipping, as a dict (for run.py)."""
+  args = argparse.Namespace(data_dir=data_dir, steps=steps, repeats=repeats, warmup=warmup)
   config = configs.get_config(name)
   xs, ys = _windows(args, config)
   runs = {c: list(_step_fn(config, c, len(xs))) for c in ("global_norm", "none")}
@@ -65,17 +73,21 @@ def bench(args, name):
       times[c].append(dt)
       cpu[c].append(CPU_SECONDS[step])
   words = config.batch_size * config.num_steps
-  clip_t, none_t = min(times["global_norm"]), min(times["none"])
+  clip_t = statistics.median(times["global_norm"])
+  none_t = statistics.median(times["none"])
   print(f"{name:>6}: {words / clip_t:9,.0f} words/s with clip_by_global_norm "
         f"({clip_t * 1e3:.2f} ms/step), {words / none_t:9,.0f} words/s without; "
-        f"clip/no-clip step time {clip_t / none_t:.4f} "
-        f"(median {statistics.median(times['global_norm']) / statistics.median(times['none']):.4f})",
+        f"clip/no-clip step time {clip_t / none_t:.4f} (medians; best of each "
+        f"{min(times['global_norm']) / min(times['none']):.4f})",
         flush=True)
-  cc, cn = min(cpu["global_norm"]), min(cpu["none"])
+  cc, cn = statistics.median(cpu["global_norm"]), statistics.median(cpu["none"])
   print(f"        process CPU time per step: {cc * 1e3:.1f} ms with clipping, {cn * 1e3:.1f} ms "
         f"without (ratio {cc / cn:.4f}); a load-robust view when the machine is shared",
         flush=True)
-  return words / clip_t, clip_t / none_t
+  return dict(config=name, wps_clip=words / clip_t, wps_noclip=words / none_t,
+              ratio=clip_t / none_t, ms_clip=1e3 * clip_t, ms_noclip=1e3 * none_t,
+              cpu_ratio=cc / cn, data="ptb" if data_dir else "random tokens",
+              device=jax.devices()[0].device_kind)
 
 
 def main():

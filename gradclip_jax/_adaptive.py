@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradclip_jax import _clipping
 from gradclip_jax import _norms
 
 
@@ -234,23 +235,23 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
           f"  gradients: {treedef}\n  params: {jax.tree.structure(params)}") from e
     clip = jnp.maximum(_f32(clipping), 0.0)
     floor = jnp.maximum(_f32(eps), 0.0)
-    out = []
-    hit = jnp.zeros((), bool)
-    max_ratio = jnp.zeros((), jnp.float32)
     for g, w in zip(g_leaves, w_leaves):
       if g.shape != jnp.shape(w):
         raise ValueError(f"adaptive_grad_clip: gradient shape {g.shape} differs from "
                          f"parameter shape {jnp.shape(w)}")
     axes = [unitwise_axes(g.ndim, axis) for g in g_leaves]
     g_norms = _norms.leaf_norms(g_leaves, axes)
-    w_norms = _norms.leaf_norms([jnp.asarray(w) for w in w_leaves], axes)
-    for g, g_norm, w_norm in zip(g_leaves, g_norms, w_norms):
-      w_norm = jnp.maximum(w_norm, floor)
-      scale = _norms.clip_scale(g_norm, clip * w_norm)
-      out.append(_norms.apply_scale(g, scale))
-      hit = hit | jnp.any(scale < 1)
-      if g.size:
-        max_ratio = jnp.maximum(max_ratio, jnp.max(g_norm / w_norm))
+    w_norms = [jnp.maximum(w_norm, floor) for w_norm in
+               _norms.leaf_norms([jnp.asarray(w) for w in w_leaves], axes)]
+    scales = [_norms.clip_scale(g_norm, clip * w_norm)
+              for g_norm, w_norm in zip(g_norms, w_norms)]
+    out = _norms.scale_leaves(g_leaves, scales)
+    hit = _norms.stacked_any([s < 1 for s in scales])
+    # Per-leaf maxima combined in one stacked reduction (a chain of maximum() over
+    # the leaves made XLA's compile time grow quadratically with the leaf count).
+    ratios = [jnp.max(g_norm / w_norm) for g, g_norm, w_norm
+              in zip(g_leaves, g_norms, w_norms) if g.size]
+    max_ratio = jnp.max(jnp.stack(ratios + [jnp.zeros((), jnp.float32)]))
     # The unit norms already hold the whole sum of squares: no second pass.
     norm = _norms.tree_norm(g_norms)
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(
@@ -360,7 +361,7 @@ def autoclip(percentile: Any = 10.0,
     threshold = filled_percentile(history, jnp.minimum(count, size), percentile)
     scale = _propagate(finite, _norms.clip_scale(norm, threshold))
     clipped = finite & (scale < 1)
-    new_updates = jax.tree.map(lambda g: _norms.apply_scale(g, scale), updates)
+    new_updates = _clipping.scale_tree(updates, scale)
     return new_updates, AutoClipState(
         norm_history=history, count=count, global_norm=norm, max_norm=threshold,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
@@ -484,7 +485,7 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
     var = jnp.where(finite, jnp.where(warm, w_var, e_var), state.var)
 
     clipped = finite & (scale < 1)
-    new_updates = jax.tree.map(lambda g: _norms.apply_scale(g, scale), updates)
+    new_updates = _clipping.scale_tree(updates, scale)
     return new_updates, ZClipState(
         mean=mean, var=var, count=state.count + inc, global_norm=norm,
         max_norm=bound, num_clipped=state.num_clipped + clipped.astype(jnp.int32))
@@ -584,14 +585,12 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
     b = _f32(beta)
     rel = jnp.maximum(_f32(lambda_rel), 0.0)
     global_scale = _norms.clip_scale(norm, lambda_abs)
-    out, new_gammas, thresholds = [], [], []
-    hit = jnp.zeros((), bool)
-    for g, n_i, gamma in zip(leaves, norms, gammas):
+    new_gammas, thresholds, scales = [], [], []
+    for n_i, gamma in zip(norms, gammas):
       thr = rel * gamma
       scale = jnp.where(warm, global_scale, _norms.clip_scale(n_i, thr))
       scale = _propagate(finite, scale)
-      out.append(_norms.apply_scale(g, scale))
-      hit = hit | (scale < 1)
+      scales.append(scale)
       clipped = jnp.where(scale < 1, n_i * scale, n_i)
       positive = clipped > 0
       warm_gamma = jnp.where(positive, jnp.minimum(gamma, clipped), gamma)
@@ -601,6 +600,8 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
       new_gammas.append(jnp.where(finite, jnp.where(warm, warm_gamma, ema_gamma),
                                   gamma))
       thresholds.append(thr)
+    out = _norms.scale_leaves(leaves, scales)
+    hit = _norms.stacked_any([s < 1 for s in scales])
     bound = jnp.where(warm, jnp.maximum(_f32(lambda_abs), 0.0),
                       _norms.tree_norm(thresholds))
     return jax.tree.unflatten(treedef, out), AdaGCState(

@@ -111,15 +111,12 @@ def _per_leaf_clip(updates, max_norm, axes, average: bool):
   if not leaves:
     return updates, jnp.zeros((), jnp.float32), jnp.zeros((), bool)
   norms = _norms.leaf_norms(leaves, [None if average else axes] * len(leaves))
-  out, sq, hit = [], [], []
-  for g, c, norm in zip(leaves, jax.tree.leaves(thresholds), norms):
-    bound = jnp.asarray(c, jnp.float32) * (g.size if average else 1)
-    scale = _norms.clip_scale(norm, bound)
-    out.append(_norms.apply_scale(g, scale))
-    sq.append(jnp.sum(jnp.square(norm)))
-    hit.append(jnp.any(scale < 1))
-  return (jax.tree.unflatten(treedef, out), jnp.sum(jnp.stack(sq)),
-          jnp.any(jnp.stack(hit)))
+  scales = [_norms.clip_scale(norm, jnp.asarray(c, jnp.float32) * (g.size if average else 1))
+            for g, c, norm in zip(leaves, jax.tree.leaves(thresholds), norms)]
+  out = _norms.scale_leaves(leaves, scales)
+  sq = _norms._stacked_sum([jnp.sum(jnp.square(n)) for n in norms])  # pylint: disable=protected-access
+  hit = _norms.stacked_any([s < 1 for s in scales])
+  return jax.tree.unflatten(treedef, out), sq, hit
 
 
 def _per_leaf_transform(max_norm, axes, average):
@@ -219,11 +216,14 @@ def scale_tree(updates, scale, zero_if_nonfinite: Optional[jax.Array] = None):
 
   ``inf * 0`` is NaN, so a zeroed step must select zeros rather than multiply.
   """
+  leaves, treedef = jax.tree.flatten(updates)
   if zero_if_nonfinite is None:
-    return jax.tree.map(lambda g: _norms.apply_scale(g, scale), updates)
-  return jax.tree.map(
-      lambda g: jnp.where(zero_if_nonfinite, _norms.apply_scale(g, scale),
-                          jnp.zeros_like(g)), updates)
+    return jax.tree.unflatten(treedef, _norms.scale_leaves(leaves, scale))
+  # The zeroed step is folded into the scale (0 where non-finite); a select keeps
+  # inf * 0 from turning into NaN.
+  scaled = _norms.scale_leaves(leaves, scale)
+  return jax.tree.unflatten(treedef, [
+      jnp.where(zero_if_nonfinite, x, jnp.zeros_like(x)) for x in scaled])
 
 
 def clip_by_global_norm(max_norm: Any, *, norm_type: float = 2.0,
