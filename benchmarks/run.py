@@ -64,26 +64,39 @@ def leaves_tree(n: int) -> dict:
           for i in range(n)}
 
 
+# Starting thresholds of the clipping regime (the 0.01-filled trees have a global L2
+# norm of about 50): far below every norm, and made 0.9x smaller at every call.
+_T_NORM, _T_AVG, _T_AGC = 1e-3, 1e-12, 1e-6
+
+
 def standalone_rules() -> dict:
-  """name -> factory of a transform timed on its own (params passed to all)."""
+  """name -> (factory of the transform from a traced threshold ``t``, first ``t``).
+
+  Rules with a threshold get ``t`` at run time, 0.9x smaller at every call, so each
+  timed call clips (a rule that clipped to its bound would not clip the same
+  gradient again). The adaptive rules set their own thresholds from their state:
+  they get ``t = None`` and are timed in their steady state (the norm and the
+  scaling pass run whether or not they clip).
+  """
   rules = {
-      "optax.clip_by_global_norm": lambda: optax.clip_by_global_norm(1.0),
-      "clip_by_global_norm": lambda: gradclip_jax.clip_by_global_norm(1.0),
-      "clip_by_global_norm L1": lambda: gradclip_jax.clip_by_global_norm(
-          1.0, norm_type=1.0),
-      "clip_by_norm": lambda: gradclip_jax.clip_by_norm(1.0),
-      "clip_by_average_norm": lambda: gradclip_jax.clip_by_average_norm(1e-6),
-      "clip_by_value": lambda: gradclip_jax.clip_by_value(-0.001, 0.001),
-      "optax.clip (by value)": lambda: optax.clip(0.001),
+      "optax.clip_by_global_norm": (optax.clip_by_global_norm, _T_NORM),
+      "clip_by_global_norm": (gradclip_jax.clip_by_global_norm, _T_NORM),
+      "clip_by_global_norm L1": (
+          lambda t: gradclip_jax.clip_by_global_norm(t, norm_type=1.0), _T_NORM),
+      "clip_by_norm": (gradclip_jax.clip_by_norm, _T_NORM),
+      "clip_by_average_norm": (gradclip_jax.clip_by_average_norm, _T_AVG),
+      "clip_by_value": (lambda t: gradclip_jax.clip_by_value(-t, t), _T_NORM),
+      "optax.clip (by value)": (optax.clip, _T_NORM),
   }
   optional = {
-      "adaptive_grad_clip": lambda: gradclip_jax.adaptive_grad_clip(0.01),
-      "autoclip": lambda: gradclip_jax.autoclip(10.0, 1000),
-      "zclip": lambda: gradclip_jax.zclip(),
-      "adagc": lambda: gradclip_jax.adagc(),
-      "skip_spikes": lambda: gradclip_jax.skip_spikes(optax.identity()),
+      "adaptive_grad_clip": (gradclip_jax.adaptive_grad_clip, _T_AGC),
+      "autoclip (steady)": (lambda t: gradclip_jax.autoclip(10.0, 1000), None),
+      "zclip (steady)": (lambda t: gradclip_jax.zclip(), None),
+      "adagc (steady)": (lambda t: gradclip_jax.adagc(), None),
+      "skip_spikes (steady)": (lambda t: gradclip_jax.skip_spikes(optax.identity()), None),
   }
-  rules.update({k: v for k, v in optional.items() if hasattr(gradclip_jax, k)})
+  rules.update({k: v for k, v in optional.items()
+                if hasattr(gradclip_jax, k.split(" ")[0])})
   return rules
 
 
@@ -120,23 +133,34 @@ def copy_limit(tree, repeats):
   return median_time(fn, (tree, jnp.asarray(0.999, jnp.float32)), repeats)
 
 
-def time_rule(make_tx, tree, repeats, grow=2.0):
+def time_rule(make_tx, tree, repeats, t0=None, warmup=2):
   """Median seconds of one ``tx.update`` on a donated gradient tree.
 
-  The output is fed back as the next gradient. ``grow=2`` doubles it inside the
-  jitted call (fused, no extra memory traffic), so a rule that clipped to its bound
-  last time must clip again: every timed call does the full work. ``grow=1`` with a
-  huge threshold times the under-the-bound case.
+  The output is fed back as the next gradient. ``make_tx(t)`` builds the rule from a
+  threshold ``t`` passed at run time: starting at ``t0`` and 0.9x smaller at every
+  call, so that every call clips (see :func:`standalone_rules`); a huge ``t0`` times
+  the under-the-bound case; ``t0=None`` passes no threshold.
   """
-  tx = make_tx()
-  state = tx.init(tree)
   params = jax.tree.map(lambda x: x + 1, tree)
+  # The threshold in the gradients' dtype: optax.clip_by_global_norm fails on a
+  # float32 threshold with bfloat16 gradients (lax.select of mixed dtypes).
+  t = jnp.asarray(1.0 if t0 is None else t0, jax.tree.leaves(tree)[0].dtype)
+  state = make_tx(t).init(tree)
 
-  def update(g, s):
-    g = jax.tree.map(lambda x: (x * grow).astype(x.dtype), g)
-    return tx.update(g, s, params)
+  def update(g, s, t):
+    return make_tx(t).update(g, s, params)
 
-  return median_time(jax.jit(update, donate_argnums=0), (tree, state), repeats)
+  fn = jax.jit(update, donate_argnums=0)
+  g, times = tree, []
+  for i in range(warmup + repeats):
+    t = t * 0.9 if t0 is not None else t
+    jax.block_until_ready((g, t))
+    t_start = time.perf_counter()
+    g, state = fn(g, state, t)
+    jax.block_until_ready(g)
+    if i >= warmup:
+      times.append(time.perf_counter() - t_start)
+  return statistics.median(times)
 
 
 # ----------------------------------------------------------------------- sections
@@ -161,19 +185,19 @@ def section_throughput(repeats, quick, all_rules=False):
       size = nbytes(tree)
       base = copy_limit(tree, repeats)
       under = {  # no clipping needed: the cost of checking
-          "optax.clip_by_global_norm (under bound)": (
-              lambda: optax.clip_by_global_norm(1e30)),
-          "clip_by_global_norm (under bound)": (
-              lambda: gradclip_jax.clip_by_global_norm(1e30))}
+          "optax.clip_by_global_norm (under bound)": (optax.clip_by_global_norm, 1e30),
+          "clip_by_global_norm (under bound)": (gradclip_jax.clip_by_global_norm, 1e30)}
       rows.append(dict(shape=shape, dtype=dtype, rule="copy limit (g*s in place)",
                        ms=1e3 * base, gbps=size / base / 1e9, vs_copy=1.0))
+      print(f"  throughput {shape:>18} {dtype:8} {'copy limit (g*s in place)':28} "
+            f"{1e3 * base:8.2f} ms  1.00x copy", flush=True)
       optax_ms = None
-      for name, make_tx in standalone_rules().items():
+      for name, (make_tx, t0) in standalone_rules().items():
         if quick and name not in ("optax.clip_by_global_norm", "clip_by_global_norm"):
           continue
         if not full and name not in CORE_RULES:
           continue
-        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats)
+        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, t0)
         if name == "optax.clip_by_global_norm":
           optax_ms = 1e3 * t
         rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
@@ -183,8 +207,8 @@ def section_throughput(repeats, quick, all_rules=False):
         print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.2f} ms "
               f"{t / base:5.2f}x copy", flush=True)
       optax_under = None
-      for name, make_tx in under.items():
-        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, grow=1.0)
+      for name, (make_tx, t0) in under.items():
+        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, t0)
         optax_under = optax_under or 1e3 * t
         rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
                          gbps=size / t / 1e9, vs_copy=t / base,
@@ -233,7 +257,7 @@ def section_compile(quick, counts=None):
   return rows
 
 
-def section_ptb(quick, data_dir=None):
+def section_ptb(quick, data_dir=None, steps=None):
   try:
     import ptb_speed  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # the trainer extra is not installed
@@ -245,7 +269,7 @@ def section_ptb(quick, data_dir=None):
   configs = ["small"] if quick else ["small", "medium"]
   rows = []
   for c in configs:
-    rows.append(ptb_speed.measure(c, steps=20 if quick else 100, repeats=3 if quick else 5,
+    rows.append(ptb_speed.measure(c, steps=steps or (20 if quick else 100), repeats=3 if quick else 5,
                                   data_dir=data_dir))
     r = rows[-1]
     print(f"  ptb {c:6} {r['wps_clip']:10,.0f} words/s with clipping, "
@@ -260,6 +284,9 @@ def markdown(result) -> str:
   lines = [f"# gradclip_jax benchmarks: {result['device']} ({result['platform']})",
            "", f"{result['date']}, jax {result['jax']}, optax {result['optax']}, "
            f"{result['host']}", ""]
+  for key in ("source", "note"):
+    if result.get(key):
+      lines += [f"{key.capitalize()}: {result[key]}", ""]
   if result.get("throughput"):
     lines += ["## Standalone clip throughput", "",
               "| tree | dtype | rule | ms | GB/s | / copy limit | / optax |",
@@ -343,6 +370,16 @@ def main(argv=None):
                   help="compile: comma-separated leaf counts (default 10,...,3000)")
   ap.add_argument("--ptb-data-dir", default=None,
                   help="ptb: PTB folder for real windows (default: random tokens)")
+  ap.add_argument("--ptb-steps", type=int, default=None,
+                  help="ptb: timed steps per repeat (default 100)")
+  ap.add_argument("--note", default=None, help="a line for the report")
+  ap.add_argument("--from-log", default=None,
+                  help="rebuild the result files from a log of an earlier run "
+                       "(with --device, --platform, --date, --versions)")
+  ap.add_argument("--device", default=None, help="--from-log: device kind")
+  ap.add_argument("--platform", default=None, help="--from-log: platform")
+  ap.add_argument("--date", default=None, help="--from-log: date of the run")
+  ap.add_argument("--versions", default=None, help="--from-log: 'jax,optax' versions")
   args = ap.parse_args(argv)
   repeats = 3 if args.quick else args.repeats
   sections = set(args.only.split(","))
@@ -352,27 +389,89 @@ def main(argv=None):
   result = dict(device=device.device_kind, platform=device.platform, date=date,
                 jax=jax.__version__, optax=optax.__version__,
                 host=f"{platform.machine()}, {os.cpu_count()} cpus",
-                quick=args.quick)
+                quick=args.quick, note=args.note)
+  if args.from_log:
+    jv, ov = (args.versions or "?,?").split(",")
+    result.update(device=args.device or "?", platform=args.platform or "?",
+                  date=args.date or date, jax=jv, optax=ov, host="see the log")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if args.from_log:
+    result.update(parse_log(pathlib.Path(args.from_log).read_text()))
+    result["source"] = f"rebuilt from the printed log {pathlib.Path(args.from_log).name}"
+    kind = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{result['platform']}-{result['device']}")
+    return write(result, out / f"{kind}-{result['date']}", final=True)
+  stem = out / f"{kind}-{date}{'-quick' if args.quick else ''}"
   print(f"benchmarks on {device.platform} ({device.device_kind})", flush=True)
+  # Results are written after every section, so a run cut short keeps what it measured.
   if "throughput" in sections:
     result["throughput"] = section_throughput(repeats, args.quick, args.all_rules)
+    write(result, stem)
   if "overhead" in sections:
     result["overhead"] = section_overhead(repeats, args.quick)
+    write(result, stem)
   if "compile" in sections:
     counts = [int(c) for c in args.leaf_counts.split(",")] if args.leaf_counts else None
     result["compile"] = section_compile(args.quick, counts)
+    write(result, stem)
   if "ptb" in sections:
-    result["ptb"] = section_ptb(args.quick, args.ptb_data_dir)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"{kind}-{date}{'-quick' if args.quick else ''}"
+    result["ptb"] = section_ptb(args.quick, args.ptb_data_dir, args.ptb_steps)
+  return write(result, stem, final=True)
+
+
+def write(result, stem, final=False):
   stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
   stem.with_suffix(".md").write_text(markdown(result))
+  if not final:
+    return 0
   if plot(result, stem.with_suffix(".png")):
     print(f"wrote {stem}.json, .md, .png")
   else:
     print(f"wrote {stem}.json, .md (no matplotlib: no plot)")
   return 0
+
+
+_SHAPES = "one 25M leaf|transformer 25M|1000 small leaves"
+
+
+def parse_log(text):
+  """Sections rebuilt from the lines this script prints (for a run cut short).
+
+  Where the log has no copy-limit line (older runs), the copy time is derived from
+  the printed ``x copy`` ratio of each rule (2 decimals, so about 1% uncertain).
+  """
+  res = {"throughput": [], "overhead": [], "compile": [], "ptb": []}
+  optax_ms = {}
+  for line in text.splitlines():
+    m = re.match(rf"\s+throughput\s+({_SHAPES})\s+(\S+)\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x copy",
+                 line)
+    if m:
+      shape, dtype, rule, ms, ratio = m[1], m[2], m[3], float(m[4]), float(m[5])
+      size = nbytes(jax.eval_shape(lambda: tree_of(shape, jnp.dtype(dtype))))  # pylint: disable=cell-var-from-loop
+      key = (shape, dtype, "under" if "under bound" in rule else "clip")
+      if rule.startswith("optax.clip_by_global_norm"):
+        optax_ms[key] = ms
+      vo = ms / optax_ms[key] if rule.startswith("clip_by_global_norm") and \
+          "L1" not in rule and key in optax_ms else None
+      res["throughput"].append(dict(shape=shape, dtype=dtype, rule=rule, ms=ms,
+                                    gbps=size / ms / 1e6, vs_copy=ratio, vs_optax=vo))
+      continue
+    m = re.match(r"\s+overhead (\S+)\s+(.+?)\s+([\d.]+) ms ([\d.]+)$", line)
+    if m:
+      tree, dtype = m[1].split("/")
+      res["overhead"].append(dict(tree=tree, dtype=dtype, optimizer=m[2],
+                                  step_ms=float(m[3]), ratio=float(m[4])))
+      continue
+    m = re.match(r"\s+compile\s+(\d+) leaves (\S+)\s+([\d.]+) s", line)
+    if m:
+      res["compile"].append(dict(leaves=int(m[1]), impl=m[2], compile_s=float(m[3])))
+      continue
+    m = re.match(r"\s+ptb (\S+)\s+([\d,]+) words/s with clipping,\s+([\d,]+) without; "
+                 r"step ratio ([\d.]+)", line)
+    if m:
+      res["ptb"].append(dict(config=m[1], wps_clip=float(m[2].replace(",", "")),
+                             wps_noclip=float(m[3].replace(",", "")), ratio=float(m[4])))
+  return {k: v for k, v in res.items() if v}
 
 
 if __name__ == "__main__":

@@ -83,10 +83,12 @@ def check_threshold(name: str, value: Any, *, allow_inf: bool = True) -> None:
     if not is_concrete(leaf):
       continue
     arr = np.asarray(leaf)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == np.bool_):
       raise TypeError(f"{name}{'' if path == '<root>' else path} must be a number, "
                       f"got {type(leaf).__name__}")
     label = name if path == "<root>" else f"{name}{path}"
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+      arr = arr.astype(np.float32)  # bfloat16 & co. (ml_dtypes): numpy has no isnan
     if np.any(np.isnan(arr)):
       raise ValueError(f"{label} is NaN; a clipping threshold must be a number >= 0")
     if np.any(arr < 0):
@@ -268,17 +270,29 @@ def _hashable(x):
   return tuple(x) if isinstance(x, list) else x
 
 
+# Rescue scaling of the overflow branches: an exact power of two, so ``x * 2**-64`` and
+# the final ``* 2**64`` are exact. A sum of squares only overflows float32 when it
+# exceeds ~3.4e38; the entries whose scaled squares then underflow (|x| < ~2) add
+# less than a relative 1e-29 per entry to it, so one scaled pass recovers the norm
+# without the max pass of :func:`_scaled_norm` (half the code for XLA to compile).
+_RESCUE_DOWN = 2.0 ** -64
+_RESCUE_UP = 2.0 ** 64
+
+
 # The branches of the overflow checks are module-level and cached per static
 # argument: lax.cond then traces them once, also outside jit (closures over the
 # arrays would be traced again at every eager call).
 @functools.lru_cache(maxsize=None)
 def _global_branches(p, axis_name):
   def rescue(leaves, s):
-    # Runs only after an overflow: one flat copy keeps this branch small for XLA
-    # (compile time linear in the leaf count) at a cost paid on that rare step.
+    # Runs only after an overflow: the same sums with every entry scaled by an exact
+    # power of two (see _RESCUE_DOWN), so this branch compiles to the same kind of
+    # fused reductions as the plain one (no max pass, no materialised |x| buffer,
+    # which XLA's CPU backend allocates even when the branch does not run).
     del s
-    flat = jnp.concatenate([jnp.ravel(_abs_f32(x)) for x in leaves])
-    return _scaled_norm([flat], p, axis_name)
+    t = _psum(_stacked_sum([_power_sum(_abs_f32(x) * _RESCUE_DOWN, p) for x in leaves]),
+              axis_name)
+    return _RESCUE_UP * safe_root(t, p)
 
   def plain(leaves, s):
     del leaves
@@ -327,15 +341,6 @@ def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
   overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
   rescue, plain = _leaf_branches(axes)
   return lax.cond(overflow, rescue, plain, leaves, sums)
-
-
-# Rescue scaling of :func:`leaf_norms`: an exact power of two, so ``x * 2**-64`` and
-# the final ``* 2**64`` are exact. A sum of squares only overflows float32 when it
-# exceeds ~3.4e38; the entries whose scaled squares then underflow (|x| < ~2) add
-# less than a relative 1e-29 per entry to it, so one scaled pass recovers the norm
-# without the max pass of :func:`_scaled_norm` (half the code for XLA to compile).
-_RESCUE_DOWN = 2.0 ** -64
-_RESCUE_UP = 2.0 ** 64
 
 
 @functools.lru_cache(maxsize=None)
