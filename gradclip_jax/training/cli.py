@@ -43,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.getLogger("gradclip_jax").setLevel(logging.INFO)
   parser = build_parser(argv)
   args = parser.parse_args(argv)
-  result = _load(args.command).main(args)
+  from gradclip_jax.training import common  # pylint: disable=import-outside-toplevel
+  try:
+    result = _load(args.command).main(args)
+  except common.FlagError as e:  # a bad flag combination: a usage error, exit status 2
+    parser.error(f"{args.command}: {e}")
   return int(result or 0)
 
 

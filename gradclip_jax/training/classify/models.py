@@ -2,6 +2,8 @@
 
 embedding -> embedding dropout -> (bi)LSTM stack over the masked sequence -> features
 (final states, optionally masked max / mean pooling over time) -> dropout -> dense -> logits.
+With ``num_layers=0`` there is no LSTM: the features are the masked max / mean pooled
+embeddings (a "bag of embeddings" model, as used for DP-SGD on IMDB by Bu et al. 2020).
 
 The LSTM is the cell of Hochreiter & Schmidhuber (1997), "Long Short-Term Memory", with the
 forget gate of Gers et al. (2000) and a forget-gate bias of 1 (Jozefowicz et al. 2015).
@@ -99,9 +101,11 @@ class LSTMClassifier(nn.Module):
   Attributes:
     vocab_size: number of token ids (id 0 is padding).
     num_classes: size of the logits.
-    embed_dim, hidden_size, num_layers, bidirectional: LSTM sizes.
+    embed_dim, hidden_size, num_layers, bidirectional: LSTM sizes. ``num_layers=0``: no
+      LSTM, the pooling reads the (dropped-out) embeddings directly.
     pooling: features fed to the classifier, any of "last" (final states), "max" and "mean"
-      (masked pooling over the top layer's outputs), concatenated in that order.
+      (masked pooling over the top layer's outputs), concatenated in that order. "last"
+      needs ``num_layers >= 1``.
     embed_dropout: dropout rate on embedding vectors.
     word_dropout: probability of dropping a whole token (its embedding becomes zero).
     dropout: dropout rate between LSTM layers and before the dense layer.
@@ -124,6 +128,9 @@ class LSTMClassifier(nn.Module):
     unknown = set(self.pooling) - set(POOLINGS)
     if unknown or not self.pooling:
       raise ValueError(f"pooling must be a non-empty subset of {POOLINGS}; got {self.pooling}")
+    if self.num_layers < 0 or (self.num_layers == 0 and "last" in self.pooling):
+      raise ValueError(f"num_layers must be >= 1 with pooling 'last' (>= 0 otherwise); got "
+                       f"num_layers={self.num_layers}, pooling={self.pooling}")
     x = nn.Embed(self.vocab_size, self.embed_dim,
                  embedding_init=nn.initializers.normal(stddev=0.1), name="embed")(tokens)
     if self.word_dropout > 0:

@@ -8,6 +8,13 @@ eval_acc, grad_norm_mean, clip_fraction, examples_per_s``), ``checkpoints/`` (or
 ``--resume``), ``data_cache/`` (tokenized corpus) and ``results.json`` (final test accuracy
 of the parameters with the best ``eval_acc``).
 
+DP-SGD (``--dp``, privacy unit: one training example): the gradient is
+``gradclip_jax.clipped_grad`` of the per-example losses (each clipped to ``--dp-max-norm``,
+summed), and the optimizer is ``optax.chain(add_noise(sigma, C), scale(1 / B), adam | sgd)``;
+every line of metrics.jsonl adds ``epsilon, noise_multiplier, dp_max_norm, delta``, and
+``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example norm and the fraction
+of examples clipped. See ``common.add_dp_arguments``.
+
 Data: IMDB (Maas et al. 2011) and MR (Pang & Lee 2005); see ``input_pipeline``.
 Model: Hochreiter & Schmidhuber (1997) LSTM; see ``models``.
 
@@ -16,6 +23,8 @@ Quality runs (2-core CPU)::
     gradclip classify --dataset imdb --data-dir ../shared/data/imdb --workdir runs/imdb
     gradclip classify --dataset mr --data-dir ../shared/data/rt-polarity --workdir runs/mr \
         --set valid_fraction=0
+    gradclip classify --dataset imdb --config imdb_dp --data-dir ../shared/data/imdb \
+        --workdir runs/imdb_dp_eps8 --dp --target-epsilon 8 --delta 1e-5
 """
 from __future__ import annotations
 
@@ -64,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="use at most this many examples per split (smoke runs)")
   g.add_argument("--cache-dir", type=pathlib.Path, default=None,
                  help="tokenized-data cache (default: WORKDIR/data_cache)")
+  common.add_dp_arguments(parser, unit="one training example (review or sentence)")
 
 
 def config_from_args(args: argparse.Namespace) -> configs.ClassifyConfig:
@@ -75,12 +85,13 @@ def config_from_args(args: argparse.Namespace) -> configs.ClassifyConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+  dp = common.dp_flags_from_args(args)
   cfg = config_from_args(args)
   result = train_and_evaluate(
       cfg, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
       clip=args.clip, clip_value=args.clip_value, seed=args.seed, max_steps=args.max_steps,
       resume=args.resume, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
-      num_devices=args.num_devices, progress=not args.no_progress)
+      num_devices=args.num_devices, progress=not args.no_progress, dp=dp)
   how = ("best eval_acc" if result["best_eval_acc"] >= 0 else "last epoch, no valid split")
   print(f"test accuracy: {100 * result['test_acc']:.2f}% (epoch {result['selected_epoch']}, "
         f"{how}); written to {args.workdir / 'results.json'}")
@@ -135,27 +146,61 @@ def _weighted_loss(logits, labels, weights):
   return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
+def per_example_loss_fn(model: models.LSTMClassifier, key: jax.Array) -> Callable:
+  """``(params, tokens, mask, labels, weights) -> (losses [B], (losses, correct))``.
+
+  Each example's cross-entropy times its weight (0 for an example that only fills a
+  batch, whose gradient is then exactly zero): the loss ``clipped_grad`` needs for DP-SGD.
+  """
+
+  def loss_fn(params, tokens, mask, labels, weights):
+    logits = model.apply({"params": params}, tokens, mask, train=True, rngs={"dropout": key})
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * weights
+    return losses, (losses, correct)
+
+  return loss_fn
+
+
 def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformation,
-                    base_key: jax.Array) -> Callable:
-  """One jitted update; the state (params, opt_state, step) is donated."""
+                    base_key: jax.Array, dp: common.DPSettings | None = None) -> Callable:
+  """One jitted update; the state (params, opt_state, step) is donated.
+
+  Without ``dp`` the gradient is that of the batch-mean loss. With ``dp`` it is the sum
+  of the per-example gradients clipped to ``dp.max_norm`` (``common.dp_clipped_grad``);
+  ``tx`` must then start with ``common.dp_transform(dp, seed)`` (noise, ``1/B``). The
+  metrics ``grad_norm`` and ``clipped`` are then the sum of the per-example norms and the
+  number of examples clipped (of the real examples: weight > 0).
+  """
 
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
+    per_example = per_example_loss_fn(model, key)
+    inputs = (batch["tokens"], batch["mask"], batch["labels"], batch["weights"])
+    count = jnp.sum(batch["weights"])
 
-    def loss_fn(params):
-      logits = model.apply({"params": params}, batch["tokens"], batch["mask"], train=True,
-                           rngs={"dropout": key})
-      loss_sum, correct, count = _weighted_loss(logits, batch["labels"], batch["weights"])
-      return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
+    if dp is None:
+      def loss_fn(params):
+        losses, (_, correct) = per_example(params, *inputs)
+        loss_sum = jnp.sum(losses)
+        return loss_sum / jnp.maximum(count, 1.0), (loss_sum, jnp.sum(correct))
 
-    grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = gradclip_jax.functional.global_norm(grads)
+      grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state["params"])
+      grad_norm = gradclip_jax.functional.global_norm(grads)
+    else:
+      grads, norms, (losses, correct) = common.dp_clipped_grad(per_example, dp)(
+          state["params"], *inputs)
+      loss_sum, correct = jnp.sum(losses), jnp.sum(correct)
+      stats = common.dp_example_stats(norms, batch["weights"], dp.max_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    clipped = common.clipped_this_step(state["opt_state"], opt_state)
+    if dp is None:
+      clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.float32)
+    else:
+      grad_norm, clipped = stats["norm_sum"], stats["num_clipped"]
     new_state = {"params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss_sum": loss_sum, "correct": correct, "count": count,
-               "grad_norm": grad_norm, "clipped": clipped.astype(jnp.float32)}
+               "grad_norm": grad_norm, "clipped": clipped}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
@@ -199,12 +244,16 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
                        cache_dir=None, checkpoint_every: int = 500,
                        num_devices: int | None = None, progress: bool = True,
                        clip_transform: optax.GradientTransformation | None = None,
+                       dp: common.DPFlags | None = None,
                        ) -> dict[str, Any]:
   """Trains, evaluating each epoch, and tests the parameters with the best ``eval_acc``.
 
   Returns a dict with ``test_acc``, ``selected_epoch``, ``records`` (the metrics.jsonl
   lines), ``grad_norm_trace`` and ``clipped_trace`` (per step, this process only) and
   ``examples_per_s``. ``clip_transform`` overrides ``clip``/``clip_value`` (benchmarks).
+  ``dp`` (from ``common.dp_flags_from_args``) trains with DP-SGD instead of ``clip``: the
+  noise multiplier is derived over ``max_epochs`` full epochs (``max_steps`` does not
+  change it), and every record adds the epsilon spent so far.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +279,16 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
     raise ValueError(f"eval_batch_size {cfg.eval_batch_size} is not divisible by the "
                      f"{mesh.size} data-parallel devices")
   model = make_model(cfg, len(data.vocab), data.num_classes)
+  dp_settings = None
+  if dp is not None:
+    if clip_transform is not None:
+      raise ValueError("dp and clip_transform exclude each other")
+    dp_settings = dp.resolve(batch_size=cfg.batch_size, dataset_size=len(data.train),
+                             planned_steps=steps_per_epoch * cfg.max_epochs,
+                             default_max_norm=cfg.max_grad_norm)
+    print(dp_settings.describe())
+    clip, clip_value = "dp", None
+    clip_transform = common.dp_transform(dp_settings, seed)
   if clip_transform is None:
     clip_transform = common.build_clip(clip, clip_value, cfg.max_grad_norm)
   tx = make_optimizer(cfg, clip_transform, steps_per_epoch * cfg.max_epochs)
@@ -245,8 +304,11 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
 
   ckpt = common.Checkpointer(workdir)
   meta = {"acc": _new_accumulators(), "records": [], "best_eval_acc": -1.0,
-          "best_epoch": 0}
+          "best_epoch": 0, "dp": None if dp_settings is None else dp_settings.as_meta()}
   if resume:
+    if ckpt.latest_step() is not None:
+      _, saved = ckpt.restore_meta()
+      common.check_dp_resume(saved.get("dp"), dp_settings)
     restored = ckpt.restore({"train": state, "best_params": best_params})
     if restored is None:
       print(f"--resume: no checkpoint in {ckpt.directory}; starting from scratch")
@@ -256,7 +318,7 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
       print(f"resumed from step {int(state['step'])}")
   metrics_writer = common.MetricsWriter(workdir, meta["records"])
 
-  train_step = make_train_step(model, tx, dropout_key)
+  train_step = make_train_step(model, tx, dropout_key, dp_settings)
   eval_step = make_eval_step(model)
   step = int(state["step"])
   acc = meta["acc"]
@@ -277,8 +339,12 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
       acc["grad_norm_sum"] += float(m["grad_norm"])
       acc["clipped"] += float(m["clipped"])
       acc["steps"] += 1
-      grad_trace.append(float(m["grad_norm"]))
-      clip_trace.append(bool(m["clipped"]))
+      if dp_settings is None:
+        grad_trace.append(float(m["grad_norm"]))
+        clip_trace.append(bool(m["clipped"]))
+      else:  # The mean per-example norm; some example clipped.
+        grad_trace.append(float(m["grad_norm"]) / max(float(m["count"]), 1.0))
+        clip_trace.append(bool(m["clipped"] > 0))
     pending.clear()
     if acc["count"]:
       bar.set_postfix(loss=f"{acc['loss_sum'] / acc['count']:.3f}",
@@ -286,11 +352,15 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
 
   def epoch_record(epoch: int, eval_acc: float | None) -> dict:
     n, steps = max(acc["count"], 1.0), max(acc["steps"], 1.0)
-    return {"epoch": epoch, "step": step, "train_loss": acc["loss_sum"] / n,
-            "train_acc": acc["correct"] / n, "eval_acc": eval_acc,
-            "grad_norm_mean": acc["grad_norm_sum"] / steps,
-            "clip_fraction": acc["clipped"] / steps,
-            "examples_per_s": acc["count"] / max(acc["seconds"], 1e-9)}
+    per = steps if dp_settings is None else n  # DP: per example, else per step.
+    record = {"epoch": epoch, "step": step, "train_loss": acc["loss_sum"] / n,
+              "train_acc": acc["correct"] / n, "eval_acc": eval_acc,
+              "grad_norm_mean": acc["grad_norm_sum"] / per,
+              "clip_fraction": acc["clipped"] / per,
+              "examples_per_s": acc["count"] / max(acc["seconds"], 1e-9)}
+    if dp_settings is not None:
+      record.update(dp_settings.record(step))
+    return record
 
   while step < total_steps:
     epoch, pos = divmod(step, steps_per_epoch)
@@ -320,10 +390,11 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
       if eval_acc is None or score > meta["best_eval_acc"]:  # No valid split: the last.
         meta["best_eval_acc"], meta["best_epoch"] = score, epoch + 1
         best_params = jax.tree.map(jnp.copy, state["params"])
+      eps = f" epsilon {record['epsilon']:.3f}" if dp_settings is not None else ""
       bar.write(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} train_acc "
                 f"{record['train_acc']:.4f} eval_acc {eval_acc if eval_acc is None else round(eval_acc, 4)} "
                 f"grad_norm {record['grad_norm_mean']:.3f} clip {record['clip_fraction']:.3f} "
-                f"{record['examples_per_s']:.0f} ex/s")
+                f"{record['examples_per_s']:.0f} ex/s{eps}")
       acc = _new_accumulators()
       save()
     elif step >= total_steps:  # Stopped inside an epoch: report it, keep it resumable.
@@ -347,6 +418,8 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
             "load_seconds": load_seconds,
             "examples_per_s": float(np.mean(eps)) if eps else None,
             "config": dataclasses.asdict(cfg)}
+  if dp_settings is not None:
+    result["dp"] = {**dataclasses.asdict(dp_settings), **dp_settings.record(step)}
   (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
   return {**result, "records": records, "grad_norm_trace": grad_trace,
           "clipped_trace": clip_trace}

@@ -11,6 +11,24 @@ over the window.
 One jitted, buffer-donating train step per window; per-epoch metrics go to
 ``WORKDIR/metrics.jsonl``, orbax checkpoints to ``WORKDIR/checkpoints``. With several
 devices the batch is sharded over a 1-D mesh and parameters are replicated.
+
+DP-SGD (``--dp``; see ``common.add_dp_arguments``): the privacy unit is one sequence
+window, i.e. one row of a batch (``num_steps`` inputs and their ``num_steps`` targets, so
+``num_steps + 1`` tokens; neighbouring windows share one token).
+So that a window's gradient depends on that window alone, every window starts from the
+zero LSTM state (no state carried across windows) and the windows of an epoch are
+shuffled (seeded by ``--seed`` and the epoch) before they are cut into batches. Each
+window's loss is its cross-entropy summed over time (the tutorial's cost is their batch
+mean); the sum of the per-window gradients clipped to ``--dp-max-norm`` gets the noise
+and is divided by ``batch_size``, then SGD as usual. The per-example norms come from
+``clipped_grad(method="vmap")`` by default: this model reads its embedding and softmax
+weights directly and runs its LSTM layers time-major, so no ghost rule covers it (and the
+layer-local rule would take the time axis for the batch axis when ``num_steps`` equals
+``batch_size``, as in the small config). With ``vmap`` every window of a step sees the
+same dropout mask (``keep_prob < 1``: medium, large), since each is run as a batch of one
+with the step's key.
+Records add ``epsilon, noise_multiplier, dp_max_norm, delta``; ``grad_norm_*`` and
+``clip_fraction`` then describe the per-window gradients.
 """
 from __future__ import annotations
 
@@ -48,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_common_arguments(parser, default_clip="global_norm")
   parser.add_argument("--max-tokens", type=int, default=None,
                       help="use only the first N tokens of each split (smoke runs)")
+  common.add_dp_arguments(parser, unit="one sequence window (one row of a batch)",
+                          default_method="vmap")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -115,30 +135,66 @@ def place_state(state: dict[str, Any], mesh) -> dict[str, Any]:
   return jax.device_put(state, state_shardings(state, mesh))
 
 
+def per_window_loss_fn(model: models.PTBModel, key: jax.Array):
+  """``(params, x [B, T], y [B, T]) -> (losses [B], losses)``: DP-SGD's per-window loss.
+
+  Every window starts from the zero state; its loss is the cross-entropy summed over
+  its ``T`` targets (their batch mean is the tutorial's cost).
+  """
+
+  def loss_fn(p, x, y):
+    # Plain zeros rather than model.initial_carry, which would be a module call that
+    # clipped_grad's method interception sees.
+    zeros = jnp.zeros((x.shape[0], model.hidden_size), jnp.float32)
+    carry = tuple((zeros, zeros) for _ in range(model.num_layers))
+    _, logits = model.apply({"params": p}, carry, x, train=True, rngs={"dropout": key})
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y.T).sum(axis=0)
+    return losses, losses
+
+  return loss_fn
+
+
 def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
-                    state_sharding=None, batch_sharding=None):
-  """The jitted train step ``state, x, y -> state`` (state donated)."""
+                    state_sharding=None, batch_sharding=None,
+                    dp: common.DPSettings | None = None):
+  """The jitted train step ``state, x, y -> state`` (state donated).
+
+  With ``dp``: DP-SGD on per-window losses (``per_window_loss_fn``), ``tx`` starting with
+  ``common.dp_transform``; the carry stays zero, and the accumulators ``grad_norm_sum`` /
+  ``grad_norm_max`` / ``clipped`` hold the per-window norms' sum and max and the number of
+  windows clipped.
+  """
 
   def train_step(state, x, y):
     params = state["params"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
 
-    def loss_fn(p):
-      carry, logits = model.apply({"params": p}, state["carry"], x, train=True,
-                                  rngs={"dropout": key})
-      return models.sequence_cost(logits, y), carry
+    if dp is None:
+      def loss_fn(p):
+        carry, logits = model.apply({"params": p}, state["carry"], x, train=True,
+                                    rngs={"dropout": key})
+        return models.sequence_cost(logits, y), carry
 
-    (cost, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      (cost, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+      grads, norms, losses = common.dp_clipped_grad(per_window_loss_fn(model, key), dp)(
+          params, x, y)
+      cost, carry = jnp.sum(losses) / x.shape[0], state["carry"]
+      stats = common.dp_example_stats(norms, jnp.ones(norms.shape), dp.max_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    grad_norm = common.grad_norm(grads, opt_state)
+    if dp is None:
+      grad_norm = grad_max = common.grad_norm(grads, opt_state)
+      clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.int32)
+    else:
+      grad_norm, grad_max = stats["norm_sum"], stats["norm_max"]
+      clipped = stats["num_clipped"].astype(jnp.int32)
     params = optax.apply_updates(params, updates)
-    clipped = common.clipped_this_step(state["opt_state"], opt_state)
     acc = state["acc"]
     acc = {"cost": acc["cost"] + cost,
            "words": acc["words"] + y.shape[1],
            "grad_norm_sum": acc["grad_norm_sum"] + grad_norm,
-           "grad_norm_max": jnp.maximum(acc["grad_norm_max"], grad_norm),
-           "clipped": acc["clipped"] + clipped.astype(jnp.int32),
+           "grad_norm_max": jnp.maximum(acc["grad_norm_max"], grad_max),
+           "clipped": acc["clipped"] + clipped,
            "steps": acc["steps"] + 1}
     return {"params": params, "opt_state": opt_state, "carry": carry, "key": state["key"],
             "step": state["step"] + 1, "acc": acc}
@@ -207,15 +263,35 @@ def _zeros_like(tree):
       lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), tree)
 
 
-def _epoch_record(epoch: int, lr: float, acc: dict, wps: float) -> dict[str, Any]:
+def _epoch_record(epoch: int, lr: float, acc: dict, wps: float,
+                  dp: common.DPSettings | None = None, global_step: int = 0
+                  ) -> dict[str, Any]:
   acc = jax.device_get(acc)
   steps = max(int(acc["steps"]), 1)
-  return {"epoch": epoch, "lr": lr,
-          "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
-          "wps": wps,
-          "grad_norm_mean": float(acc["grad_norm_sum"]) / steps,
-          "grad_norm_max": float(acc["grad_norm_max"]),
-          "clip_fraction": int(acc["clipped"]) / steps}
+  per = steps if dp is None else steps * dp.batch_size  # DP: per window
+  record = {"epoch": epoch, "lr": lr,
+            "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
+            "wps": wps,
+            "grad_norm_mean": float(acc["grad_norm_sum"]) / per,
+            "grad_norm_max": float(acc["grad_norm_max"]),
+            "clip_fraction": int(acc["clipped"]) / per}
+  if dp is not None:
+    record["step"] = global_step
+    record.update(dp.record(global_step))
+  return record
+
+
+def dp_epoch_windows(xs: np.ndarray, ys: np.ndarray, seed: int, epoch: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """DP-SGD: the epoch's windows (rows of every batch) shuffled, then re-batched.
+
+  Seeded by ``seed`` and ``epoch`` (so ``--resume`` sees the same order); the shapes
+  ``[epoch_size, batch_size, num_steps]`` are kept.
+  """
+  e, b, t = xs.shape
+  perm = np.random.default_rng([seed, epoch, 0x50544244]).permutation(e * b)
+  shuffle = lambda a: np.ascontiguousarray(a.reshape(e * b, t)[perm].reshape(e, b, t))
+  return shuffle(xs), shuffle(ys)
 
 
 def load_data(args: argparse.Namespace, config: configs.Config) -> input_pipeline.PTBData:
@@ -228,6 +304,7 @@ def load_data(args: argparse.Namespace, config: configs.Config) -> input_pipelin
 
 def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Runs ``gradclip ptb``; returns the records written to ``metrics.jsonl``."""
+  dp_flags = common.dp_flags_from_args(args)
   config = configs.get_config(args.config)
   max_epochs = args.max_epochs or config.max_max_epoch
   data = load_data(args, config)
@@ -237,20 +314,31 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
   num_devices = common.num_data_devices(config.batch_size, args.num_devices)
   mesh = common.make_mesh(num_devices)
   model = build_model(config)
-  clip = common.build_clip(args.clip, args.clip_value, config.max_grad_norm)
+  dp = None
+  if dp_flags is None:
+    clip = common.build_clip(args.clip, args.clip_value, config.max_grad_norm)
+  else:
+    dp = dp_flags.resolve(batch_size=config.batch_size,
+                          dataset_size=epoch_size * config.batch_size,
+                          planned_steps=epoch_size * max_epochs,
+                          default_max_norm=config.max_grad_norm)
+    print(dp.describe(), flush=True)
+    clip = common.dp_transform(dp, args.seed)
   tx = build_optimizer(config, clip, epoch_size)
   state = place_state(init_state(model, tx, config, args.seed), mesh)
   if mesh is None:
-    train_step = make_train_step(model, tx)
+    train_step = make_train_step(model, tx, dp=dp)
   else:
     train_step = make_train_step(model, tx, state_shardings(state, mesh),
-                                 NamedSharding(mesh, P(common.DATA_AXIS)))
+                                 NamedSharding(mesh, P(common.DATA_AXIS)), dp=dp)
   eval_step = make_eval_step(model)
   shard = lambda a: common.shard_batch(a, mesh)
 
   ckpt = common.Checkpointer(args.workdir)
+  dp_meta = None if dp is None else dp.as_meta()
   meta = {"epoch": 0, "pos": 0, "global_step": 0, "elapsed": 0.0, "records": []}
   if args.resume and ckpt.latest_step() is not None:
+    common.check_dp_resume(ckpt.restore_meta()[1].get("dp"), dp)
     state, meta = ckpt.restore(state)
     log.info("resumed from step %d (epoch %d, window %d)", meta["global_step"],
              meta["epoch"] + 1, meta["pos"])
@@ -262,14 +350,15 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     return writer.records
 
   print(f"PTB {args.config}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
-        f"{max_epochs} epochs, clip={args.clip}, {num_devices} device(s)", flush=True)
+        f"{max_epochs} epochs, clip={'dp' if dp else args.clip}, {num_devices} device(s)",
+        flush=True)
   epoch, pos, global_step = meta["epoch"], meta["pos"], meta["global_step"]
   elapsed = meta["elapsed"]  # seconds spent in the current epoch before a resume
 
   def save(done=False):
     ckpt.save(global_step, state, {"epoch": epoch, "pos": pos, "global_step": global_step,
                                    "elapsed": elapsed, "records": writer.records,
-                                   "done": done})
+                                   "done": done, "dp": dp_meta})
 
   stopped = False
   while epoch < max_epochs:
@@ -281,6 +370,7 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
       state["acc"] = _zeros_like(state["acc"])
       elapsed = 0.0
     lr = config.lr_at(epoch)
+    ex, ey = (xs, ys) if dp is None else dp_epoch_windows(xs, ys, args.seed, epoch)
     bar = common.progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}",
                               initial=pos, disable=args.no_progress)
     t0 = time.perf_counter()
@@ -289,7 +379,7 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
       if args.max_steps is not None and global_step >= args.max_steps:
         stopped = True
         break
-      state = train_step(state, shard(xs[pos]), shard(ys[pos]))
+      state = train_step(state, shard(ex[pos]), shard(ey[pos]))
       pos += 1
       global_step += 1
       bar.update(1)
@@ -308,7 +398,7 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     elapsed += time.perf_counter() - t0
     bar.close()
     wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
-    record = _epoch_record(epoch + 1, lr, state["acc"], wps)
+    record = _epoch_record(epoch + 1, lr, state["acc"], wps, dp, global_step)
     if stopped and pos < epoch_size:
       save()  # mid-epoch stop: resumable; the partial record is not kept on resume
       record["partial"] = True
@@ -327,7 +417,8 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
           f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  "
           f"grad norm mean {record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  "
-          f"clipped {record['clip_fraction']:.1%}", flush=True)
+          f"clipped {record['clip_fraction']:.1%}"
+          + (f"  epsilon {record['epsilon']:.3f}" if dp else ""), flush=True)
     writer.write(record)
     epoch, pos, elapsed = epoch + 1, 0, 0.0
     save()

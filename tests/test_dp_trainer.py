@@ -1,0 +1,226 @@
+"""Tests of the DP-SGD trainers: ``gradclip classify --dp`` and ``gradclip ptb --dp``."""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax
+from gradclip_jax.training import cli
+from gradclip_jax.training import common
+from gradclip_jax.training.classify import configs
+from gradclip_jax.training.classify import train as classify_train
+from gradclip_jax.training.ptb import train as ptb_train
+
+pytest.importorskip("dp_accounting")
+from gradclip_jax.dp import accounting  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _classify(workdir, data_dir, cache_dir, *extra) -> int:
+  # MR, smoke config, 64 examples per split: 4 steps of 16 per epoch. The bag-of-
+  # embeddings model compiles fastest (the LSTM is checked in the step test below).
+  return cli.main(["classify", "--no-progress", "--dataset", "mr", "--config", "smoke",
+                   "--data-dir", str(data_dir / "rt-polarity"), "--cache-dir",
+                   str(cache_dir), "--workdir", str(workdir), "--num-devices", "1",
+                   "--set", "max_examples=64", "--set", "num_layers=0", "--set",
+                   "pooling=mean,max", *extra])
+
+
+def _records(workdir):
+  return common.MetricsWriter.read(workdir)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("dp_cache")
+
+
+@pytest.fixture(scope="module")
+def target_run(shared_data_dir, cache_dir, tmp_path_factory):
+  """Three epochs with the noise multiplier derived from --target-epsilon 4."""
+  workdir = tmp_path_factory.mktemp("dp_target")
+  assert _classify(workdir, shared_data_dir, cache_dir, "--max-epochs", "3", "--dp",
+                   "--target-epsilon", "4", "--delta", "1e-5", "--dp-max-norm", "0.5",
+                   "--clip", "none") == 0
+  return workdir
+
+
+def test_classify_dp_logs_epsilon_per_epoch(target_run):
+  records = _records(target_run)
+  result = json.loads((target_run / "results.json").read_text())
+  dp = result["dp"]
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  assert [r["step"] for r in records] == [4, 8, 12]
+  assert dp["batch_size"] == 16 and dp["dataset_size"] == 64 and dp["planned_steps"] == 12
+  q = dp["batch_size"] / dp["dataset_size"]
+  sigma = records[0]["noise_multiplier"]
+  for r in records:
+    assert (r["dp_max_norm"], r["delta"], r["noise_multiplier"]) == (0.5, 1e-5, sigma)
+    assert r["epsilon"] == pytest.approx(accounting.epsilon_spent(sigma, q, r["step"], 1e-5),
+                                         rel=1e-9)
+    assert 0 <= r["clip_fraction"] <= 1 and r["grad_norm_mean"] > 0
+  eps = [r["epsilon"] for r in records]
+  assert eps[0] < eps[1] < eps[2]
+  # Derived from the target: the planned run spends at most (and nearly) epsilon 4.
+  assert sigma == pytest.approx(accounting.noise_multiplier_for_epsilon(4.0, 1e-5, q, 12))
+  assert 3.9 < eps[-1] <= 4.0
+  assert result["dp"]["epsilon"] == eps[-1] and result["clip"] == "dp"
+
+
+def test_classify_dp_resume_reproduces_the_run(target_run, shared_data_dir, cache_dir,
+                                               tmp_path):
+  args = ["--max-epochs", "3", "--dp", "--target-epsilon", "4", "--dp-max-norm", "0.5"]
+  assert _classify(tmp_path, shared_data_dir, cache_dir, *args, "--max-steps", "6") == 0
+  partial = _records(tmp_path)
+  assert partial[-1]["partial"] and partial[-1]["step"] == 6
+  assert _classify(tmp_path, shared_data_dir, cache_dir, *args, "--resume") == 0
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rs]
+  assert strip(_records(tmp_path)) == strip(_records(target_run))
+  # Other DP settings than the checkpoint's: refused.
+  with pytest.raises(SystemExit):
+    _classify(tmp_path, shared_data_dir, cache_dir, "--max-epochs", "3", "--dp",
+              "--noise-multiplier", "3", "--resume")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dp"], "needs --noise-multiplier SIGMA or --target-epsilon"),
+    (["--noise-multiplier", "1"], "only apply with --dp"),
+    (["--target-epsilon", "1", "--delta", "1e-6"], "only apply with --dp"),
+    (["--dp", "--noise-multiplier", "1", "--clip", "value"], "in place of --clip"),
+    (["--dp", "--noise-multiplier", "1", "--clip", "global_norm"], "in place of --clip"),
+    (["--dp", "--noise-multiplier", "1", "--clip-value", "2"], "--dp-max-norm"),
+    (["--dp", "--noise-multiplier", "0"], "positive"),
+    (["--dp", "--target-epsilon", "1", "--delta", "1.5"], "--delta must be in"),
+    (["--dp", "--noise-multiplier", "1", "--dp-max-norm", "-1"], "--dp-max-norm"),
+])
+def test_bad_flag_combinations(argv, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["classify", "--dataset", "mr", "--data-dir", str(tmp_path / "none"),
+              "--workdir", str(tmp_path / "w"), *argv])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_contradicting_noise_and_target(shared_data_dir, cache_dir, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    _classify(tmp_path, shared_data_dir, cache_dir, "--dp", "--noise-multiplier", "0.3",
+              "--target-epsilon", "1")
+  assert "contradict" in capsys.readouterr().err
+  flags = common.DPFlags(noise_multiplier=5.0, target_epsilon=1.0)  # enough noise: fine
+  dp = flags.resolve(batch_size=16, dataset_size=64, planned_steps=12, default_max_norm=1.0)
+  assert dp.noise_multiplier == 5.0 and dp.epsilon(12) <= 1.0
+
+
+def _tiny_classifier(num_layers):
+  cfg = configs.override(configs.get_config("smoke"), [
+      "optimizer=sgd", "momentum=0", "learning_rate=0.5", f"num_layers={num_layers}",
+      "pooling=mean,max" if num_layers == 0 else "pooling=last,max", "embed_dim=6",
+      "hidden_size=5"])
+  return cfg, classify_train.make_model(cfg, vocab_size=30)
+
+
+@pytest.mark.parametrize("num_layers", [0, 1])
+def test_dp_step_matches_vmap_reference(num_layers):
+  """One DP step = clip each example (vmap), sum, the same noise, / B, SGD.
+
+  The batch has 6 real examples with padded positions holding garbage and 2 weight-0
+  examples that only fill it: neither may change the update or the counts.
+  """
+  cfg, model = _tiny_classifier(num_layers)
+  rng = np.random.default_rng(0)
+  b, real, t = 8, 6, 9
+  lengths = np.array([9, 3, 5, 1, 7, 2, 4, 6])
+  mask = np.arange(t)[None] < lengths[:, None]
+  tokens = np.where(mask, rng.integers(2, 30, (b, t)), 0).astype(np.int32)
+  labels = rng.integers(0, 2, b).astype(np.int32)
+  weights = (np.arange(b) < real).astype(np.float32)
+  batch = {"tokens": tokens, "mask": mask, "labels": labels, "weights": weights}
+
+  # (Everything jitted: eager op-by-op dispatch would compile each primitive.)
+  params = jax.jit(model.init)(jax.random.key(1), tokens, mask)["params"]
+  # Reference per-example gradients of the real examples, one example at a time.
+  def single(p, tok, m, y):
+    logits = model.apply({"params": p}, tok[None], m[None])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+  per_ex = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0, 0, 0)))(
+      params, tokens[:real], mask[:real], labels[:real])
+  flat = [np.asarray(l, np.float64).reshape(real, -1) for l in jax.tree.leaves(per_ex)]
+  norms = np.sqrt(sum((f ** 2).sum(1) for f in flat))
+  c = float(np.median(norms))  # half the examples get clipped
+  scale = np.minimum(1.0, c / norms)
+  ref_sum = jax.tree.map(lambda g: np.tensordot(scale, np.asarray(g, np.float64), 1),
+                         per_ex)
+
+  dp = common.DPSettings(noise_multiplier=0.7, max_norm=c, delta=1e-5, batch_size=b,
+                         dataset_size=100, planned_steps=10, method="auto")
+  tx = classify_train.make_optimizer(cfg, common.dp_transform(dp, seed=3), 10)
+  step = classify_train.make_train_step(model, tx, jax.random.key(2), dp)
+  state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+           "step": jnp.zeros((), jnp.int32)}
+  state = jax.tree.map(jnp.copy, state)
+  garbage = dict(batch, tokens=np.where(mask, tokens, 17).astype(np.int32))
+  new_state, m = step(state, garbage)
+
+  noise_tx = gradclip_jax.add_noise(0.7, c, seed=common.dp_noise_seed(3))
+  noise, _ = jax.jit(noise_tx.update)(jax.tree.map(jnp.zeros_like, params),
+                                      noise_tx.init(params))
+  lr = cfg.learning_rate
+  # params1 = params0 - lr * (clipped sum + noise) / B
+  got = jax.tree.map(lambda p1, p0, z: (np.asarray(p0, np.float64) - np.asarray(p1))
+                     * b / lr - np.asarray(z), new_state["params"], params, noise)
+  num = sum(float(np.sum((g - r) ** 2)) for g, r in zip(jax.tree.leaves(got),
+                                                           jax.tree.leaves(ref_sum)))
+  den = sum(float(np.sum(r ** 2)) for r in jax.tree.leaves(ref_sum))
+  assert math.sqrt(num / den) < 1e-4
+  assert float(m["count"]) == real
+  assert float(m["grad_norm"]) == pytest.approx(norms.sum(), rel=1e-4)
+  assert float(m["clipped"]) == np.sum(norms > c)
+  assert int(new_state["opt_state"][0][0].count) == 1  # add_noise state advanced
+
+
+def test_dp_example_stats_ignore_filler_and_nonfinite():
+  s = common.dp_example_stats(jnp.array([0.5, 2.0, 0.0, jnp.nan, 3.0]),
+                              jnp.array([1.0, 1.0, 0.0, 1.0, 0.0]), 1.0)
+  assert float(s["norm_sum"]) == 2.5 and float(s["norm_max"]) == 2.0
+  assert float(s["num_clipped"]) == 1.0
+
+
+def test_ptb_dp_smoke(shared_data_dir, tmp_path):
+  assert cli.main(["ptb", "--config", "test", "--data-dir", str(shared_data_dir / "ptb"),
+                   "--workdir", str(tmp_path), "--max-tokens", "4000", "--no-progress",
+                   "--num-devices", "1", "--max-epochs", "2", "--dp",
+                   "--noise-multiplier", "1.5", "--dp-max-norm", "2"]) == 0
+  records = common.MetricsWriter.read(tmp_path)
+  e1, e2, final = records
+  windows = 20 * 99  # (4000 // 20 - 1) // 2 = 99 windows of 20 rows per epoch
+  for r, steps in ((e1, 99), (e2, 198)):
+    assert r["step"] == steps and r["noise_multiplier"] == 1.5 and r["dp_max_norm"] == 2
+    assert r["epsilon"] == pytest.approx(
+        accounting.epsilon_spent(1.5, 20 / windows, steps, 1e-5), rel=1e-9)
+    assert np.isfinite(r["train_ppl"]) and np.isfinite(r["valid_ppl"])
+    assert 0 <= r["clip_fraction"] <= 1 and r["grad_norm_max"] >= r["grad_norm_mean"]
+  assert e1["epsilon"] < e2["epsilon"] and "test_ppl" in final
+
+
+def test_ptb_dp_windows_are_a_seeded_permutation():
+  xs = np.arange(4 * 3 * 2).reshape(4, 3, 2)
+  a, b = ptb_train.dp_epoch_windows(xs, xs + 1, seed=0, epoch=1)
+  assert a.shape == xs.shape and np.array_equal(b, a + 1)
+  assert sorted(map(tuple, a.reshape(-1, 2))) == sorted(map(tuple, xs.reshape(-1, 2)))
+  assert np.array_equal(a, ptb_train.dp_epoch_windows(xs, xs, 0, 1)[0])
+  assert not np.array_equal(a, ptb_train.dp_epoch_windows(xs, xs, 0, 2)[0])
+
+
+def test_bag_of_embeddings_model_needs_no_last_pooling():
+  from gradclip_jax.training.classify import models  # pylint: disable=import-outside-toplevel
+  tok = jnp.ones((2, 4), jnp.int32)
+  m = models.LSTMClassifier(vocab_size=10, num_layers=0, pooling=("mean", "max"))
+  assert m.apply(m.init(jax.random.key(0), tok, tok > 0), tok, tok > 0).shape == (2, 2)
+  with pytest.raises(ValueError, match="pooling 'last'"):
+    models.LSTMClassifier(vocab_size=10, num_layers=0).init(jax.random.key(0), tok, tok > 0)
