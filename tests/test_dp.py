@@ -489,3 +489,23 @@ def test_train_step_snippet():
   assert norms.shape == (b,)
   p2, _, _ = step(p1, s1, *batch)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p2))
+
+
+@pytest.mark.parametrize("num_steps", [5, 4])
+def test_project_ptb_model_time_major_with_steps_equal_to_batch(num_steps):
+  # The PTB model runs its LSTM time-major: with num_steps == batch size (4) the
+  # time axis has the batch's size, and must not be taken for the batch axis.
+  from gradclip_jax.training.ptb import configs, train  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(configs.get_config("test"), hidden_size=6, num_layers=2,
+                            vocab_size=30, num_steps=num_steps, batch_size=4)
+  model = train.build_model(cfg)
+  params = train.init_state(model, optax.sgd(1.0), cfg, seed=0)["params"]
+  x = jax.random.randint(jax.random.key(1), (4, num_steps), 0, 30)
+  y = jax.random.randint(jax.random.key(2), (4, num_steps), 0, 30)
+  lf = train.per_window_loss_fn(model, jax.random.key(3))
+  out = {m: jax.jit(dp.clipped_grad(lf, max_norm=0.5, method=m, has_aux=True,
+                                    return_norms=True))(params, x, y)
+         for m in ("vmap", "ghost")}
+  np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
+  assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5

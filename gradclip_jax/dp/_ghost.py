@@ -459,7 +459,7 @@ class _Pass:
     return (carry, y) if return_carry else y
 
 
-def _run_discovery(loss_fn, has_aux, params, batch, b):
+def _discovery_pass(loss_fn, has_aux, params, batch, b):
   st = _Pass("discover", b)
 
   def f(p, *bt):
@@ -470,6 +470,30 @@ def _run_discovery(loss_fn, has_aux, params, batch, b):
 
   out = jax.eval_shape(f, params, *batch)
   _check_losses(out, b)
+  return st
+
+
+def _run_discovery(loss_fn, has_aux, params, batch, b):
+  st = _discovery_pass(loss_fn, has_aux, params, batch, b)
+  # The dense/embed/local rules take an array's leading axis for the batch axis when
+  # its size is B. A time-major array with T == B would pass that test (the PTB model
+  # with num_steps == batch_size), so the plan is traced again, abstractly, with a
+  # batch of B + 1: a rule is kept only where the leading axis grew with the batch.
+  if any(e.kind in ("dense", "embed", "local") for e in st.plan):
+    bigger = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((b + 1,) + tuple(x.shape[1:]), x.dtype), batch)
+    try:
+      st2 = _discovery_pass(loss_fn, has_aux, params, bigger, b + 1)
+      plan2 = st2.plan
+    except Exception:  # pylint: disable=broad-except
+      plan2 = None  # loss_fn only accepts batch size B: nothing to compare with
+    if plan2 is not None:
+      same = len(plan2) == len(st.plan) and all(
+          (e.path, e.method) == (e2.path, e2.method) for e, e2 in zip(st.plan, plan2))
+      for i, e in enumerate(st.plan):
+        if e.kind in ("dense", "embed", "local") and (
+            not same or plan2[i].kind != e.kind):
+          e.kind, e.params = "pass", ()
   both = st.attend_paths & {e.path for e in st.plan if e.kind == "embed"}
   if both:
     raise ValueError(
