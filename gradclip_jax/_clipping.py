@@ -87,9 +87,9 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
       # the in-place write depend on the reductions, so XLA needs no defensive copy
       # of a donated gradient (a boolean any() and an unconditional clip cost 12x a
       # copy on CPU, measured in benchmarks/run.py). NaN entries count as in range.
-      hit = (jnp.max(g, initial=-jnp.inf) > b) | (jnp.min(g, initial=jnp.inf) < a)
-      out.append(jnp.where(hit, jnp.clip(g, a, b), g))
-      hits.append(hit)
+      outside = (jnp.max(g, initial=-jnp.inf) > b) | (jnp.min(g, initial=jnp.inf) < a)
+      out.append(jnp.where(outside, jnp.clip(g, a, b), g))
+      hits.append(outside)
     clipped = jax.tree.unflatten(treedef, out)
     hit = _norms.stacked_any(hits)
     return clipped, ClipByValueState(state.num_clipped + hit.astype(jnp.int32))
@@ -121,7 +121,7 @@ def _per_leaf_clip(updates, max_norm, axes, average: bool):
   scales = [_norms.clip_scale(norm, jnp.asarray(c, jnp.float32) * (g.size if average else 1))
             for g, c, norm in zip(leaves, jax.tree.leaves(thresholds), norms)]
   out = _norms.scale_leaves(leaves, scales)
-  sq = _norms._stacked_sum([jnp.sum(jnp.square(n)) for n in norms])  # pylint: disable=protected-access
+  sq = _norms.stacked_sum([jnp.sum(jnp.square(n)) for n in norms])
   hit = _norms.stacked_any([s < 1 for s in scales])
   return jax.tree.unflatten(treedef, out), sq, hit
 
@@ -224,13 +224,10 @@ def scale_tree(updates, scale, zero_if_nonfinite: Optional[jax.Array] = None):
   ``inf * 0`` is NaN, so a zeroed step must select zeros rather than multiply.
   """
   leaves, treedef = jax.tree.flatten(updates)
-  if zero_if_nonfinite is None:
-    return jax.tree.unflatten(treedef, _norms.scale_leaves(leaves, scale))
-  # The zeroed step is folded into the scale (0 where non-finite); a select keeps
-  # inf * 0 from turning into NaN.
   scaled = _norms.scale_leaves(leaves, scale)
-  return jax.tree.unflatten(treedef, [
-      jnp.where(zero_if_nonfinite, x, jnp.zeros_like(x)) for x in scaled])
+  if zero_if_nonfinite is not None:
+    scaled = [jnp.where(zero_if_nonfinite, x, jnp.zeros_like(x)) for x in scaled]
+  return jax.tree.unflatten(treedef, scaled)
 
 
 def clip_by_global_norm(max_norm: Any, *, norm_type: float = 2.0,

@@ -203,7 +203,7 @@ def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
   return jnp.sum(_power_f32(x, p), axis=axes, keepdims=keepdims)
 
 
-def _stacked_sum(scalars: Sequence[Array]) -> Array:
+def stacked_sum(scalars: Sequence[Array]) -> Array:
   """Sum of float32 scalars as one reduction (see :func:`tree_max_abs`)."""
   return jnp.sum(jnp.stack(list(scalars))) if scalars else jnp.zeros((), jnp.float32)
 
@@ -259,7 +259,7 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
   if p not in (1.0, 2.0):
     # |x|^p over- or underflows for moderate x when p is large: always rescale.
     return _scaled_norm(leaves, p, axis_name)
-  s = _psum(_stacked_sum([_power_sum(x, p) for x in leaves]), axis_name)
+  s = _psum(stacked_sum([_power_sum(x, p) for x in leaves]), axis_name)
   # An infinite sum from finite entries is float32 overflow: redo it scaled. (A NaN
   # sum means a NaN entry; an inf entry comes back as inf from the scaled form.)
   rescue, plain = _global_branches(p, _hashable(axis_name))
@@ -413,7 +413,7 @@ def scale_leaves(leaves: Sequence[Array], scales: Any) -> list:
 
 
 def stacked_any(flags: Sequence[Array]) -> Array:
-  """``any`` of boolean arrays as one stacked reduction (see :func:`_stacked_sum`)."""
+  """``any`` of boolean arrays as one stacked reduction (see :func:`stacked_sum`)."""
   flags = [jnp.any(f) for f in flags]
   return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
 
