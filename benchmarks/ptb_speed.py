@@ -30,8 +30,8 @@ def _windows(args, config):
   return input_pipeline.batchify(ids, config.batch_size, config.num_steps)
 
 
-def _step_fn(config, clip_name, epoch_size):
-  model = train.build_model(config)
+def _step_fn(config, clip_name, epoch_size, matmul_dtype="float32"):
+  model = train.build_model(config, matmul_dtype)
   clip = common.build_clip(clip_name, None, config.max_grad_norm)
   tx = train.build_optimizer(config, clip, epoch_size)
   state = train.init_state(model, tx, config, seed=0)
@@ -91,6 +91,9 @@ def measure(name, steps=50, repeats=5, warmup=10, data_dir=None):
 
 
 def main():
+  # As the gradclip trainers do (see common.tune_host_allocator); GRADCLIP_TUNE_MALLOC=0
+  # measures glibc's default behaviour instead.
+  tuned = common.tune_host_allocator()
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data-dir", default=None, help="PTB folder (default: random tokens)")
   p.add_argument("--configs", nargs="+", default=["small", "medium"])
@@ -99,7 +102,7 @@ def main():
   p.add_argument("--warmup", type=int, default=10)
   args = p.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
-        f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        f"load average {os.getloadavg()[0]:.2f}, host allocator tuned: {tuned}", flush=True)
   for name in args.configs:
     bench(args, name)
 

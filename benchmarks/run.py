@@ -267,11 +267,15 @@ def section_ptb(quick, data_dir=None, steps=None):
     print("  ptb: skipped (benchmarks/ptb_speed.py has no measure())")
     return []
   configs = ["small"] if quick else ["small", "medium"]
+  # Train as `gradclip ptb` does, with the host allocator tuned (process-wide, hence the
+  # last section; see gradclip_jax.training.common.tune_host_allocator).
+  tuned = ptb_speed.common.tune_host_allocator()
   rows = []
   for c in configs:
     rows.append(ptb_speed.measure(c, steps=steps or (20 if quick else 100), repeats=3 if quick else 5,
                                   data_dir=data_dir))
     r = rows[-1]
+    r["host_allocator_tuned"] = tuned
     print(f"  ptb {c:6} {r['wps_clip']:10,.0f} words/s with clipping, "
           f"{r['wps_noclip']:10,.0f} without; step ratio {r['ratio']:.4f}", flush=True)
   return rows

@@ -285,6 +285,27 @@ def test_config_overrides():
     configs.override(cfg, ["nope=1"])
 
 
+def test_ema_update_matches_numpy_and_warms_up():
+  from gradclip_jax.training.classify import train
+  rng = np.random.default_rng(0)
+  ema, params = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+  for step, decay in ((0, 0.999), (5, 0.999), (10_000, 0.99)):
+    d = min(decay, (1 + step) / (10 + step))
+    got = train.ema_update({"w": jnp.asarray(ema, jnp.float32)},
+                           {"w": jnp.asarray(params, jnp.float32)}, jnp.int32(step), decay)
+    np.testing.assert_allclose(got["w"], d * ema + (1 - d) * params, rtol=1e-5, atol=1e-6)
+  got = train.ema_update({"w": jnp.zeros(2, jnp.bfloat16)}, {"w": jnp.ones(2, jnp.bfloat16)},
+                         jnp.int32(0), 0.99)
+  assert got["w"].dtype == jnp.bfloat16
+
+
+def test_bad_ema_decay_is_a_clear_error(shared_data_dir, tmp_path, cache_dir):
+  with pytest.raises(ValueError, match="ema_decay"):
+    _run(["--dataset", "mr", "--config", "smoke", "--data-dir",
+          str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
+          "--workdir", str(tmp_path / "w"), "--set", "ema_decay=1.0", "--max-steps", "1"])
+
+
 def test_cli_reports_missing_data(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     _run(["--dataset", "mr", "--data-dir", str(tmp_path / "missing"),
@@ -316,7 +337,8 @@ def test_resume_gives_identical_metrics(shared_data_dir, tmp_path, cache_dir):
   base = ["--dataset", "mr", "--config", "smoke", "--data-dir",
           str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
           "--max-epochs", "2", "--num-devices", "1", "--set", "max_examples=64",
-          "--set", "dropout=0.2", "--clip", "value", "--clip-value", "0.01"]
+          "--set", "dropout=0.2", "--clip", "value", "--clip-value", "0.01",
+          "--set", "ema_decay=0.9"]  # The parameter average is checkpointed too.
   _run(base + ["--workdir", str(tmp_path / "straight")])
   # 64 examples / batch 16 = 4 steps per epoch: stop inside epoch 2, then resume.
   _run(base + ["--workdir", str(tmp_path / "split"), "--max-steps", "6"])

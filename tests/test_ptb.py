@@ -226,6 +226,49 @@ def test_custom_vjp_matches_autodiff():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_time_distributed_matmul_float32_and_mixed():
+  k = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(k[0], (5, 3, 8))
+  w = jax.random.normal(k[1], (8, 6))
+  dy = jax.random.normal(k[2], (5, 3, 6))
+  ref = np.einsum("tbi,io->tbo", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  loss = lambda dt: (lambda x, w: jnp.sum(models.time_distributed_matmul(x, w, dt) * dy))
+  y32 = models.time_distributed_matmul(x, w)
+  np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5)
+  # bfloat16 inputs, float32 accumulation: within bf16 rounding of the inputs.
+  y16 = models.time_distributed_matmul(x, w, jnp.bfloat16)
+  assert y16.dtype == jnp.float32 and y16.shape == (5, 3, 6)
+  np.testing.assert_allclose(y16, ref, rtol=0, atol=0.05 * np.abs(ref).max())
+  assert not np.array_equal(np.asarray(y16), np.asarray(y32))  # really rounded
+  g32 = jax.grad(loss(None), (0, 1))(x, w)
+  g16 = jax.grad(loss(jnp.bfloat16), (0, 1))(x, w)
+  for a, b in zip(g32, g16):
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(b, a, rtol=0, atol=0.05 * np.abs(a).max())
+  # The f32 gradients against NumPy: dx = dy w^T, dw = x^T dy over all T*B rows.
+  dyn, xn, wn = (np.asarray(a, np.float64) for a in (dy, x, w))
+  np.testing.assert_allclose(g32[0], dyn @ wn.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g32[1], np.einsum("tbi,tbo->io", xn, dyn), rtol=1e-5, atol=1e-5)
+
+
+def test_build_model_matmul_dtype():
+  config = configs.get_config("test")
+  assert train.build_model(config).matmul_dtype is None
+  assert train.build_model(config, "bfloat16").matmul_dtype == "bfloat16"
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    train.build_model(config, "float16")
+
+
+def test_tune_host_allocator_can_be_disabled(monkeypatch):
+  monkeypatch.setenv(common.ALLOCATOR_ENV, "0")
+  assert common.tune_host_allocator() is False
+  monkeypatch.delenv(common.ALLOCATOR_ENV)
+  applied = common.tune_host_allocator()
+  assert isinstance(applied, bool)
+  if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+    assert applied
+
+
 def test_dropout_only_in_training():
   m = _tiny_model(keep_prob=0.5)
   tokens = jnp.ones((2, 4), jnp.int32)
@@ -321,6 +364,12 @@ def test_smoke_perplexity_falls(smoke_run):
   assert e2["valid_ppl"] < e1["valid_ppl"]
   assert set(final) == {"epoch", "test_ppl"} and final["test_ppl"] < 10000 * 0.5
   assert 0.0 <= e1["clip_fraction"] <= 1.0 and e1["grad_norm_max"] >= e1["grad_norm_mean"]
+
+
+def test_mixed_precision_smoke_run(shared_data_dir, tmp_path):
+  records = _run(shared_data_dir, tmp_path, "--max-epochs", "1", "--matmul-dtype",
+                 "bfloat16")
+  assert records[0]["train_ppl"] < 10000 * 0.5 and np.isfinite(records[-1]["test_ppl"])
 
 
 def test_max_steps_then_resume_is_exact(smoke_run, tmp_path):

@@ -7,7 +7,8 @@ The public API is deliberately small:
   (``--data-dir --workdir --clip --clip-value --max-steps --max-epochs --seed --resume``
   plus ``--checkpoint-every --num-devices --no-progress``).
 * :func:`clipped_this_step` -- the metrics convention: did the rule change the gradient?
-* :func:`grad_norm` -- the per-step gradient norm logged by the trainers.
+* :func:`norm_before_update`, :func:`grad_norm` -- the per-step gradient norm logged by
+  the trainers.
 * :class:`MetricsWriter` -- ``metrics.jsonl`` (one JSON object per line).
 * :class:`Checkpointer` -- orbax checkpoints of an arbitrary pytree plus a JSON dict
   (data position, metric accumulators, ...), so that ``--resume`` is exact.
@@ -50,6 +51,8 @@ __all__ = [
     "add_common_arguments",
     "clipped_this_step",
     "grad_norm",
+    "norm_before_update",
+    "tune_host_allocator",
     "MetricsWriter",
     "Checkpointer",
     "progress_bar",
@@ -168,6 +171,75 @@ def _num_clipped(state) -> jax.Array:
   return sum(jnp.asarray(v, jnp.int32) for v in leaves)
 
 
+# glibc's mallopt parameters (malloc.h) and the values tune_host_allocator sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 256 << 20
+_TRIM_THRESHOLD = 1 << 30
+ALLOCATOR_ENV = "GRADCLIP_TUNE_MALLOC"
+
+
+def tune_host_allocator() -> bool:
+  """Keeps freed host memory for reuse instead of unmapping it (glibc only).
+
+  XLA:CPU allocates the temporary buffers of every step afresh. glibc serves blocks
+  above its mmap threshold (at most 32 MB after its own adjustments) with ``mmap`` and
+  returns them with ``munmap``, so the next step pays a page fault for every 4 KB of
+  every large buffer it writes: the PTB small step spent ~11 ms of ~45 ms in them
+  (measured with ``jax.profiler``: the 16 MB logits and the embedding gradient's zero
+  fill). With an mmap threshold of 256 MB and a trim threshold of 1 GB the buffers stay
+  in the heap and are reused: 9.1k -> 12.1k words/s on PTB small on the 2-core CPU
+  (``benchmarks/ptb_speed.py``). The cost is a process that keeps up to ~1 GB of freed
+  memory instead of returning it to the OS.
+
+  Process-wide, so only the ``gradclip`` trainers and the PTB speed benchmark call it
+  (importing ``gradclip_jax`` never does). Set ``GRADCLIP_TUNE_MALLOC=0`` to turn it
+  off. Returns whether the settings were applied (False off glibc / Linux).
+  """
+  if os.environ.get(ALLOCATOR_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    libc = ctypes.CDLL("libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # not glibc (e.g. musl)
+    return False
+  return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+      mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def _recorded_norms(opt_state) -> list:
+  return optax.tree_utils.tree_get_all_with_path(
+      opt_state, "global_norm",
+      filtering=lambda path, _: getattr(path[-1], "tuple_name", None)
+      == "ClipByGlobalNormState")
+
+
+def norm_before_update(grads, opt_state) -> tuple[Any, jax.Array | None]:
+  """``(grads, norm)`` for logging, taken before ``tx.update`` (use inside ``jit``).
+
+  When ``opt_state`` holds exactly one ``ClipByGlobalNormState``, the rule records the
+  norm itself: returns ``(grads, None)``, and :func:`grad_norm` reads it after the update.
+  Otherwise ``norm = gradclip_jax.functional.global_norm(grads)`` and the gradients come
+  back multiplied by ``where(norm < 0, 0, 1)``, which is exactly 1 (a norm is >= 0 or
+  NaN), so no value changes. That factor makes every parameter update depend on every
+  gradient, as a global-norm clip does: without it (``--clip none``, per-element rules)
+  XLA:CPU cannot prove that the backward pass has finished reading a donated weight
+  before the optimizer overwrites it, and copies the weights at every step (the 8 MB
+  softmax and both input kernels of the PTB small config). ``lax.optimization_barrier``
+  does not give copy insertion that ordering; a data dependency does. The multiply fuses
+  into the optimizer's update.
+  """
+  if len(_recorded_norms(opt_state)) == 1:
+    return grads, None
+  import gradclip_jax  # pylint: disable=import-outside-toplevel
+
+  norm = gradclip_jax.functional.global_norm(grads)
+  one = jnp.where(norm < 0, 0.0, 1.0)
+  return jax.tree.map(lambda g: g * one.astype(g.dtype), grads), norm
+
+
 def grad_norm(grads, new_state=None) -> jax.Array:
   """The step's gradient norm: ``gradclip_jax.functional.global_norm(grads)``.
 
@@ -179,10 +251,7 @@ def grad_norm(grads, new_state=None) -> jax.Array:
   Use inside ``jit``.
   """
   if new_state is not None:
-    found = optax.tree_utils.tree_get_all_with_path(
-        new_state, "global_norm",
-        filtering=lambda path, _: getattr(path[-1], "tuple_name", None)
-        == "ClipByGlobalNormState")
+    found = _recorded_norms(new_state)
     if len(found) == 1:
       return jnp.asarray(found[0][1], jnp.float32)
   import gradclip_jax  # pylint: disable=import-outside-toplevel

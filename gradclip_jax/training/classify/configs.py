@@ -47,6 +47,9 @@ class ClassifyConfig:
   momentum: float = 0.9            # For sgd.
   max_epochs: int = 6
   max_grad_norm: float = 1.0       # Threshold of --clip global_norm/value/norm/average_norm.
+  # Polyak averaging: evaluate and test an exponential moving average of the parameters
+  # (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0 turns it off.
+  ema_decay: float = 0.0
 
 
 _CONFIGS = {

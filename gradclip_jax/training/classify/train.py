@@ -6,7 +6,8 @@ The optimizer is ``optax.chain(<clipping rule from --clip>, adam | sgd)``. Outpu
 ``--workdir``: ``metrics.jsonl`` (one line per epoch: ``epoch, train_loss, train_acc,
 eval_acc, grad_norm_mean, clip_fraction, examples_per_s``), ``checkpoints/`` (orbax; exact
 ``--resume``), ``data_cache/`` (tokenized corpus) and ``results.json`` (final test accuracy
-of the parameters with the best ``eval_acc``).
+of the parameters with the best ``eval_acc``; with ``--set ema_decay=D`` the parameters
+evaluated and tested are their exponential moving average, see ``ema_update``).
 
 DP-SGD (``--dp``, privacy unit: one training example): the gradient is
 ``gradclip_jax.clipped_grad`` of the per-example losses (each clipped to ``--dp-max-norm``,
@@ -40,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import gradclip_jax
 from gradclip_jax.training import common
 from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import input_pipeline
@@ -162,9 +162,26 @@ def per_example_loss_fn(model: models.LSTMClassifier, key: jax.Array) -> Callabl
   return loss_fn
 
 
+def ema_update(ema, params, step, decay: float):
+  """Polyak averaging (Polyak & Juditsky 1992) with a warm-up of the decay.
+
+  ``ema <- d * ema + (1 - d) * params`` with ``d = min(decay, (1 + step) / (10 + step))``
+  (the ``num_updates`` rule of TensorFlow's ``ExponentialMovingAverage``), so the first
+  steps do not keep the random initialisation in the average for long. Accumulates in the
+  parameters' dtype.
+  """
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), ema, params)
+
+
 def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformation,
-                    base_key: jax.Array, dp: common.DPSettings | None = None) -> Callable:
-  """One jitted update; the state (params, opt_state, step) is donated.
+                    base_key: jax.Array, dp: common.DPSettings | None = None,
+                    ema_decay: float = 0.0) -> Callable:
+  """One jitted update; the state (params, opt_state, step[, ema_params]) is donated.
+
+  With ``ema_decay > 0`` the state also holds ``ema_params``, updated by ``ema_update``
+  after every step.
 
   Without ``dp`` the gradient is that of the batch-mean loss. With ``dp`` it is the sum
   of the per-example gradients clipped to ``dp.max_norm`` (``common.dp_clipped_grad``);
@@ -186,7 +203,7 @@ def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformati
         return loss_sum / jnp.maximum(count, 1.0), (loss_sum, jnp.sum(correct))
 
       grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state["params"])
-      grad_norm = gradclip_jax.functional.global_norm(grads)
+      grads, grad_norm = common.norm_before_update(grads, state["opt_state"])
     else:
       grads, norms, (losses, correct) = common.dp_clipped_grad(per_example, dp)(
           state["params"], *inputs)
@@ -194,11 +211,16 @@ def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformati
       stats = common.dp_example_stats(norms, batch["weights"], dp.max_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     if dp is None:
+      if grad_norm is None:  # The rule recorded it.
+        grad_norm = common.grad_norm(grads, opt_state)
       clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.float32)
     else:
       grad_norm, clipped = stats["norm_sum"], stats["num_clipped"]
     new_state = {"params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "step": state["step"] + 1}
+    if ema_decay > 0:
+      new_state["ema_params"] = ema_update(state["ema_params"], new_state["params"],
+                                           state["step"], ema_decay)
     metrics = {"loss_sum": loss_sum, "correct": correct, "count": count,
                "grad_norm": grad_norm, "clipped": clipped}
     return new_state, metrics
@@ -297,6 +319,10 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
   dummy = jnp.zeros((1, cfg.pad_multiple), jnp.int32)
   params = model.init(init_key, dummy, dummy > -1)["params"]
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
+  if cfg.ema_decay > 0:
+    state["ema_params"] = params
   # Distinct buffers for every leaf: a rule's init may reuse one array in two fields, and
   # the train step donates its state.
   state = common.replicate(jax.tree.map(jnp.copy, state), mesh)
@@ -318,7 +344,8 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
       print(f"resumed from step {int(state['step'])}")
   metrics_writer = common.MetricsWriter(workdir, meta["records"])
 
-  train_step = make_train_step(model, tx, dropout_key, dp_settings)
+  train_step = make_train_step(model, tx, dropout_key, dp_settings, cfg.ema_decay)
+  eval_key = "ema_params" if cfg.ema_decay > 0 else "params"  # What is evaluated/tested.
   eval_step = make_eval_step(model)
   step = int(state["step"])
   acc = meta["acc"]
@@ -381,7 +408,7 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
     flush(pending)
     acc["seconds"] += time.perf_counter() - t0
     if step % steps_per_epoch == 0:  # End of an epoch.
-      eval_acc = evaluate(eval_step, state["params"], data.valid, cfg, mesh)["acc"] \
+      eval_acc = evaluate(eval_step, state[eval_key], data.valid, cfg, mesh)["acc"] \
           if len(data.valid) else None
       record = epoch_record(epoch + 1, eval_acc)
       metrics_writer.write(record)
@@ -389,7 +416,7 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
       score = -1.0 if eval_acc is None else eval_acc
       if eval_acc is None or score > meta["best_eval_acc"]:  # No valid split: the last.
         meta["best_eval_acc"], meta["best_epoch"] = score, epoch + 1
-        best_params = jax.tree.map(jnp.copy, state["params"])
+        best_params = jax.tree.map(jnp.copy, state[eval_key])
       eps = f" epsilon {record['epsilon']:.3f}" if dp_settings is not None else ""
       bar.write(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} train_acc "
                 f"{record['train_acc']:.4f} eval_acc {eval_acc if eval_acc is None else round(eval_acc, 4)} "
@@ -408,7 +435,7 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
 
   # Test the parameters with the best eval_acc (the final ones if no epoch finished).
   selected = meta["best_epoch"]
-  test_params = best_params if selected else state["params"]
+  test_params = best_params if selected else state[eval_key]
   test = evaluate(eval_step, test_params, data.test, cfg, mesh)
   records = metrics_writer.records
   eps = [r["examples_per_s"] for r in records]

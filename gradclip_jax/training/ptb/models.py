@@ -14,7 +14,7 @@ the scan. This computes exactly the tutorial's BasicLSTMCell (gate order i, j, f
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,11 +85,59 @@ def _recurrence_bwd(forget_bias, residuals, cotangents):
 
   (dc0, dh0), dz = jax.lax.scan(step, (d_c, d_h), (d_hs, c_prev, i, j, f, o, tc),
                                 reverse=True)
-  d_w_h = jnp.einsum("tbh,tbg->hg", h_prev, dz)
+  d_w_h = _flat(h_prev).T @ _flat(dz)
   return d_w_h, dz, dc0, dh0
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """[T, B, F] -> [T*B, F] (free: a row-major bitcast)."""
+  return x.reshape(-1, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """``x @ w`` with inputs rounded to ``dtype`` and float32 accumulation and result."""
+  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x, w, dtype):
+  xc, wc = x.astype(dtype), w.astype(dtype)
+  return jnp.dot(xc, wc, preferred_element_type=jnp.float32), (xc, wc)
+
+
+def _mixed_matmul_bwd(dtype, res, dy):
+  # Both backward matmuls also take ``dtype`` inputs and accumulate in float32, as in
+  # mixed-precision training (Micikevicius et al. 2018); the gradients are float32.
+  xc, wc = res
+  dyc = dy.astype(dtype)
+  dx = jnp.dot(dyc, wc.T, preferred_element_type=jnp.float32)
+  dw = jnp.dot(xc.T, dyc, preferred_element_type=jnp.float32)
+  return dx, dw
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def time_distributed_matmul(x: jax.Array, w: jax.Array, matmul_dtype=None) -> jax.Array:
+  """``x @ w`` for ``x`` [T, B, I] as one 2-D ``[T*B, I] @ [I, O]`` matmul -> [T, B, O].
+
+  The same numbers as ``x @ w``, but written in 2-D so that the gradient of ``w`` is a
+  plain ``x^T @ dy`` over ``T*B`` rows: with the 3-D form, XLA:CPU first copies the
+  whole ``[T, B, O]`` output gradient into a transposed ``[O, T, B]`` layout (16 MB per
+  step for the softmax layer of the small config).
+
+  ``matmul_dtype`` (e.g. ``jnp.bfloat16``): the forward and both backward matmuls take
+  inputs rounded to it and accumulate in float32 (:func:`_mixed_matmul`); ``None`` keeps
+  everything float32.
+  """
+  if matmul_dtype is None or jnp.dtype(matmul_dtype) == jnp.float32:
+    y = _flat(x) @ w
+  else:
+    y = _mixed_matmul(_flat(x), w, jnp.dtype(matmul_dtype))
+  return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class LSTMLayer(nn.Module):
@@ -98,6 +146,7 @@ class LSTMLayer(nn.Module):
   hidden_size: int
   init_scale: float
   forget_bias: float = 0.0
+  matmul_dtype: Any = None
 
   @nn.compact
   def __call__(self, carry, xs):
@@ -106,7 +155,7 @@ class LSTMLayer(nn.Module):
     w_x = self.param("kernel_x", uniform_init(self.init_scale), (xs.shape[-1], h4))
     w_h = self.param("kernel_h", uniform_init(self.init_scale), (self.hidden_size, h4))
     b = self.param("bias", nn.initializers.zeros, (h4,))
-    x_proj = xs @ w_x + b  # one matmul for the whole window
+    x_proj = time_distributed_matmul(xs, w_x, self.matmul_dtype) + b  # one matmul, all steps
     hs, c, h = lstm_recurrence(w_h, x_proj, carry[0], carry[1], self.forget_bias)
     return (c, h), hs
 
@@ -119,6 +168,11 @@ class PTBModel(nn.Module):
   num_layers: int
   init_scale: float
   keep_prob: float = 1.0
+  # None (float32) or e.g. jnp.bfloat16: the dtype of the inputs of the large matmuls
+  # (every layer's input projection and the softmax layer, forward and backward), which
+  # accumulate in float32. Parameters, the recurrence, the loss and the optimizer stay
+  # float32.
+  matmul_dtype: Any = None
 
   def initial_carry(self, batch_size: int) -> Carry:
     zeros = lambda: jnp.zeros((batch_size, self.hidden_size), jnp.float32)
@@ -134,13 +188,13 @@ class PTBModel(nn.Module):
     x = dropout(jnp.take(embedding, tokens.T, axis=0))  # [T, B, H]
     new_carry = []
     for layer in range(self.num_layers):
-      c, x = LSTMLayer(self.hidden_size, self.init_scale, name=f"lstm_{layer}")(
-          carry[layer], x)
+      c, x = LSTMLayer(self.hidden_size, self.init_scale, matmul_dtype=self.matmul_dtype,
+                       name=f"lstm_{layer}")(carry[layer], x)
       new_carry.append(c)
       x = dropout(x)
     w = self.param("softmax_w", init, (self.hidden_size, self.vocab_size))
     b = self.param("softmax_b", init, (self.vocab_size,))
-    logits = x @ w + b  # [T, B, V], one matmul for the window
+    logits = time_distributed_matmul(x, w, self.matmul_dtype) + b  # [T, B, V], one matmul
     return tuple(new_carry), logits
 
 

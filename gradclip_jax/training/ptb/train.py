@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_common_arguments(parser, default_clip="global_norm")
   parser.add_argument("--max-tokens", type=int, default=None,
                       help="use only the first N tokens of each split (smoke runs)")
+  parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
+                      help="input dtype of the large matmuls (input projections, softmax; "
+                      "forward and backward), accumulated in float32; bfloat16 is mixed "
+                      "precision: parameters, recurrence, loss and optimizer stay float32 "
+                      "(default float32, the tutorial's)")
   common.add_dp_arguments(parser, unit="one sequence window (one row of a batch)",
                           default_method="vmap")
 
@@ -80,10 +85,17 @@ def main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def build_model(config: configs.Config) -> models.PTBModel:
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def build_model(config: configs.Config, matmul_dtype: str = "float32") -> models.PTBModel:
+  """The tutorial's model; ``matmul_dtype`` is ``models.PTBModel.matmul_dtype``."""
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}; got {matmul_dtype!r}")
   return models.PTBModel(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                          num_layers=config.num_layers, init_scale=config.init_scale,
-                         keep_prob=config.keep_prob)
+                         keep_prob=config.keep_prob,
+                         matmul_dtype=None if matmul_dtype == "float32" else matmul_dtype)
 
 
 def build_optimizer(config: configs.Config, clip: optax.GradientTransformation,
@@ -181,9 +193,13 @@ def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
           params, x, y)
       cost, carry = jnp.sum(losses) / x.shape[0], state["carry"]
       stats = common.dp_example_stats(norms, jnp.ones(norms.shape), dp.max_norm)
+    if dp is None:
+      grads, grad_norm = common.norm_before_update(grads, state["opt_state"])
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     if dp is None:
-      grad_norm = grad_max = common.grad_norm(grads, opt_state)
+      if grad_norm is None:  # The rule recorded it.
+        grad_norm = common.grad_norm(grads, opt_state)
+      grad_max = grad_norm
       clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.int32)
     else:
       grad_norm, grad_max = stats["norm_sum"], stats["norm_max"]
@@ -313,7 +329,7 @@ def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
   num_devices = common.num_data_devices(config.batch_size, args.num_devices)
   mesh = common.make_mesh(num_devices)
-  model = build_model(config)
+  model = build_model(config, args.matmul_dtype)
   dp = None
   if dp_flags is None:
     clip = common.build_clip(args.clip, args.clip_value, config.max_grad_norm)
