@@ -140,10 +140,20 @@ def make_optimizer(cfg: configs.ClassifyConfig, clip: optax.GradientTransformati
   return optax.chain(clip, opt)
 
 
+def _example_losses(logits, labels, weights):
+  """Per example: (cross-entropy, 1 if the argmax is right), each times its weight.
+
+  A weight of 0 marks an example that only fills a batch: its loss, accuracy and
+  gradient are then exactly zero.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * weights
+  return losses, correct
+
+
 def _weighted_loss(logits, labels, weights):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
+  losses, correct = _example_losses(logits, labels, weights)
+  return jnp.sum(losses), jnp.sum(correct), jnp.sum(weights)
 
 
 def per_example_loss_fn(model: models.LSTMClassifier, key: jax.Array) -> Callable:
@@ -155,8 +165,7 @@ def per_example_loss_fn(model: models.LSTMClassifier, key: jax.Array) -> Callabl
 
   def loss_fn(params, tokens, mask, labels, weights):
     logits = model.apply({"params": params}, tokens, mask, train=True, rngs={"dropout": key})
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * weights
+    losses, correct = _example_losses(logits, labels, weights)
     return losses, (losses, correct)
 
   return loss_fn
