@@ -53,8 +53,11 @@ class ClassifyConfig:
 
 
 _CONFIGS = {
-    # IMDB (Maas et al. 2011): reviews average ~267 tokens; keep the last 400.
-    "imdb": ClassifyConfig(),
+    # IMDB (Maas et al. 2011): reviews average ~267 tokens; keep the last 800 (about 97%
+    # of the reviews fit). A 256-wide biLSTM, whole words dropped with probability 0.25,
+    # 8 epochs: 89.02% test accuracy in 36 minutes on a 2-core CPU (README). The 128-wide
+    # model with 400 tokens, no word dropout and 6 epochs reached 88.30%.
+    "imdb": ClassifyConfig(max_len=800, hidden_size=256, word_dropout=0.25, max_epochs=8),
     # MR (Pang & Lee 2005): one-sentence snippets (max ~60 tokens), ~9k training examples.
     # It overfits after ~3 epochs. For the reported test accuracy, train on all nine
     # non-test folds: --set valid_fraction=0 (then eval_acc is null and the last epoch is
