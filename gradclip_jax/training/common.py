@@ -7,8 +7,8 @@ The public API is deliberately small:
   (``--data-dir --workdir --clip --clip-value --max-steps --max-epochs --seed --resume``
   plus ``--checkpoint-every --num-devices --no-progress``).
 * :func:`clipped_this_step` -- the metrics convention: did the rule change the gradient?
-* :func:`norm_before_update`, :func:`grad_norm` -- the per-step gradient norm logged by
-  the trainers.
+* :func:`update_with_norm` (on :func:`norm_before_update` and :func:`grad_norm`) -- the
+  optimizer update and the per-step gradient norm logged by the trainers.
 * :class:`MetricsWriter` -- ``metrics.jsonl`` (one JSON object per line).
 * :class:`Checkpointer` -- orbax checkpoints of an arbitrary pytree plus a JSON dict
   (data position, metric accumulators, ...), so that ``--resume`` is exact.
@@ -52,6 +52,7 @@ __all__ = [
     "clipped_this_step",
     "grad_norm",
     "norm_before_update",
+    "update_with_norm",
     "tune_host_allocator",
     "MetricsWriter",
     "Checkpointer",
@@ -238,6 +239,19 @@ def norm_before_update(grads, opt_state) -> tuple[Any, jax.Array | None]:
   norm = gradclip_jax.functional.global_norm(grads)
   one = jnp.where(norm < 0, 0.0, 1.0)
   return jax.tree.map(lambda g: g * one.astype(g.dtype), grads), norm
+
+
+def update_with_norm(tx, grads, opt_state, params):
+  """``tx.update`` plus the step's pre-clip gradient norm for logging (inside ``jit``).
+
+  Returns ``(updates, new_state, norm)``: the norm the rule recorded, else one computed
+  here, with the gradients tied to it (see :func:`norm_before_update`).
+  """
+  grads, norm = norm_before_update(grads, opt_state)
+  updates, new_state = tx.update(grads, opt_state, params)
+  if norm is None:  # The rule recorded it.
+    norm = grad_norm(grads, new_state)
+  return updates, new_state, norm
 
 
 def grad_norm(grads, new_state=None) -> jax.Array:

@@ -212,18 +212,17 @@ def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformati
         return loss_sum / jnp.maximum(count, 1.0), (loss_sum, jnp.sum(correct))
 
       grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state["params"])
-      grads, grad_norm = common.norm_before_update(grads, state["opt_state"])
     else:
       grads, norms, (losses, correct) = common.dp_clipped_grad(per_example, dp)(
           state["params"], *inputs)
       loss_sum, correct = jnp.sum(losses), jnp.sum(correct)
       stats = common.dp_example_stats(norms, batch["weights"], dp.max_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     if dp is None:
-      if grad_norm is None:  # The rule recorded it.
-        grad_norm = common.grad_norm(grads, opt_state)
+      updates, opt_state, grad_norm = common.update_with_norm(
+          tx, grads, state["opt_state"], state["params"])
       clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.float32)
     else:
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       grad_norm, clipped = stats["norm_sum"], stats["num_clipped"]
     new_state = {"params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state, "step": state["step"] + 1}

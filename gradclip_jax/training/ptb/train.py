@@ -194,14 +194,12 @@ def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
       cost, carry = jnp.sum(losses) / x.shape[0], state["carry"]
       stats = common.dp_example_stats(norms, jnp.ones(norms.shape), dp.max_norm)
     if dp is None:
-      grads, grad_norm = common.norm_before_update(grads, state["opt_state"])
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    if dp is None:
-      if grad_norm is None:  # The rule recorded it.
-        grad_norm = common.grad_norm(grads, opt_state)
+      updates, opt_state, grad_norm = common.update_with_norm(tx, grads, state["opt_state"],
+                                                              params)
       grad_max = grad_norm
       clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.int32)
     else:
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
       grad_norm, grad_max = stats["norm_sum"], stats["norm_max"]
       clipped = stats["num_clipped"].astype(jnp.int32)
     params = optax.apply_updates(params, updates)
