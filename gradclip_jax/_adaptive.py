@@ -240,18 +240,20 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
         raise ValueError(f"adaptive_grad_clip: gradient shape {g.shape} differs from "
                          f"parameter shape {jnp.shape(w)}")
     axes = [unitwise_axes(g.ndim, axis) for g in g_leaves]
-    g_norms = _norms.leaf_norms(g_leaves, axes)
+    # Norms and scales per group of same-shape leaves (see _norms.LeafGroups).
+    groups = _norms.LeafGroups(g_leaves, axes)
+    g_norms = groups.norms(groups.stack(g_leaves))
     w_norms = [jnp.maximum(w_norm, floor) for w_norm in
-               _norms.leaf_norms([jnp.asarray(w) for w in w_leaves], axes)]
+               groups.norms(groups.stack([jnp.asarray(w) for w in w_leaves]))]
     scales = [_norms.clip_scale(g_norm, clip * w_norm)
               for g_norm, w_norm in zip(g_norms, w_norms)]
-    out = _norms.scale_leaves(g_leaves, scales)
+    out = groups.scale(g_leaves, scales)
     hit = _norms.stacked_any([s < 1 for s in scales])
-    # Per-leaf maxima combined in one stacked reduction (a chain of maximum() over
+    # Per-group maxima combined in one stacked reduction (a chain of maximum() over
     # the leaves made XLA's compile time grow quadratically with the leaf count).
-    ratios = [jnp.max(g_norm / w_norm) for g, g_norm, w_norm
-              in zip(g_leaves, g_norms, w_norms) if g.size]
-    max_ratio = jnp.max(jnp.stack(ratios + [jnp.zeros((), jnp.float32)]))
+    max_ratio = jnp.max(jnp.stack(
+        [jnp.max(g_norm / w_norm, initial=0.0) for g_norm, w_norm
+         in zip(g_norms, w_norms)] + [jnp.zeros((), jnp.float32)]))
     # The unit norms already hold the whole sum of squares: no second pass.
     norm = _norms.tree_norm(g_norms)
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(
@@ -578,7 +580,10 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
           "adagc: the gradients do not have the structure of the params given to "
           f"init:\n  gradients: {treedef}\n  gamma: "
           f"{jax.tree.structure(state.gamma)}") from e
-    norms = [n.reshape(()) for n in _norms.leaf_norms(leaves, [None] * len(leaves))]
+    # Per-tensor norms, gammas and scales as one vector per group of same-shape
+    # leaves (see _norms.LeafGroups): a few kernels instead of several per leaf.
+    groups = _norms.LeafGroups(leaves)
+    norms = [n.reshape(n.shape[0]) for n in groups.norms(groups.stack(leaves))]
     norm = _norms.tree_norm(norms)
     finite, inc = _is_finite_and_count(norm)
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
@@ -586,7 +591,7 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
     rel = jnp.maximum(_f32(lambda_rel), 0.0)
     global_scale = _norms.clip_scale(norm, lambda_abs)
     new_gammas, thresholds, scales = [], [], []
-    for n_i, gamma in zip(norms, gammas):
+    for n_i, gamma in zip(norms, groups.stack([_f32(g) for g in gammas])):
       thr = rel * gamma
       scale = jnp.where(warm, global_scale, _norms.clip_scale(n_i, thr))
       scale = _propagate(finite, scale)
@@ -600,7 +605,8 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
       new_gammas.append(jnp.where(finite, jnp.where(warm, warm_gamma, ema_gamma),
                                   gamma))
       thresholds.append(thr)
-    out = _norms.scale_leaves(leaves, scales)
+    out = groups.scale(leaves, scales)
+    new_gammas = groups.unstack(new_gammas)
     hit = _norms.stacked_any([s < 1 for s in scales])
     bound = jnp.where(warm, jnp.maximum(_f32(lambda_abs), 0.0),
                       _norms.tree_norm(thresholds))

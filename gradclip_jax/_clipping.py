@@ -109,18 +109,30 @@ class ClipByNormState(NamedTuple):
 def _per_leaf_clip(updates, max_norm, axes, average: bool):
   """Shared body of the per-leaf rules: (clipped tree, sum of squares, any clipped).
 
-  The per-leaf scalars are combined with one stacked reduction, never a Python
-  chain of ``+``/``|`` (which XLA fuses into every consumer: quadratic compile time).
+  Norms and scales are computed per :class:`~gradclip_jax._norms.LeafGroups` group
+  (small leaves of one shape batched together), and the per-group scalars are
+  combined with one stacked reduction, never a Python chain of ``+``/``|`` (which
+  XLA fuses into every consumer: quadratic compile time).
   """
   _norms.check_gradient_tree(updates)
   thresholds = _norms.broadcast_thresholds("max_norm", max_norm, updates)
   leaves, treedef = jax.tree.flatten(updates)
   if not leaves:
     return updates, jnp.zeros((), jnp.float32), jnp.zeros((), bool)
-  norms = _norms.leaf_norms(leaves, [None if average else axes] * len(leaves))
-  scales = [_norms.clip_scale(norm, jnp.asarray(c, jnp.float32) * (g.size if average else 1))
-            for g, c, norm in zip(leaves, jax.tree.leaves(thresholds), norms)]
-  out = _norms.scale_leaves(leaves, scales)
+  groups = _norms.LeafGroups(leaves, [None if average else axes] * len(leaves))
+  norms = groups.norms(groups.stack(leaves))
+  if _norms.is_scalar_threshold(max_norm):
+    limits = [jnp.asarray(max_norm, jnp.float32)] * len(norms)
+  else:
+    limits = groups.stack([jnp.asarray(c, jnp.float32)
+                           for c in jax.tree.leaves(thresholds)])
+  scales = []
+  for j, (norm, limit) in enumerate(zip(norms, limits)):
+    if average:
+      limit = limit * leaves[groups.members[j][0]].size
+    limit = jnp.reshape(limit, jnp.shape(limit) + (1,) * (norm.ndim - jnp.ndim(limit)))
+    scales.append(_norms.clip_scale(norm, limit))
+  out = groups.scale(leaves, scales)
   sq = _norms.stacked_sum([jnp.sum(jnp.square(n)) for n in norms])
   hit = _norms.stacked_any([s < 1 for s in scales])
   return jax.tree.unflatten(treedef, out), sq, hit

@@ -241,15 +241,50 @@ def _scaled_norm(leaves, p, axis_name, power=None, root=None):
   return jnp.where(finite, norm, jnp.where(m > 0, m, norm))
 
 
+# Leaves of at most _PACK_LEAF entries are packed, per dtype, into flat chunks of at
+# most _PACK_CHUNK entries before a global reduction (see pack_small_leaves).
+_PACK_LEAF = 1 << 16
+_PACK_CHUNK = 1 << 22
+
+
+def pack_small_leaves(leaves: Sequence[Array]) -> list:
+  """The leaves with the small ones concatenated (flat, per dtype) into a few chunks.
+
+  A global norm only depends on the multiset of entries, so any regrouping of the
+  tree gives the same norm. Packing matters for trees of many small leaves: a
+  reduction per leaf is a kernel per leaf, and with 1,000 leaves the clip + adam step
+  compiled in 10.7 s and ran in 25 ms, against 6.2 s and 15 ms with the small leaves
+  packed (and 8.6 s / 18.7 ms for ``optax.clip_by_global_norm``; measured on the
+  2-core CPU). Copying the small leaves costs at most ``_PACK_CHUNK`` entries per
+  chunk; leaves above ``_PACK_LEAF`` entries are reduced in place as before.
+  """
+  out, chunks = [], {}
+  for x in leaves:
+    if x.size > _PACK_LEAF:
+      out.append(x)
+      continue
+    group = chunks.setdefault(jnp.dtype(x.dtype), [[0]])  # [size, leaves...]
+    if len(group[-1]) > 1 and group[-1][0] + x.size > _PACK_CHUNK:
+      group.append([0])
+    group[-1][0] += x.size
+    group[-1].append(x)
+  for group in chunks.values():
+    for _, *chunk in group:
+      out.append(chunk[0] if len(chunk) == 1 else
+                 jnp.concatenate([jnp.ravel(y) for y in chunk]))
+  return out
+
+
 def tree_norm(leaves: Sequence[Array], p: float = 2.0,
               axis_name: AxisName = None) -> Array:
   """The Lp norm of the concatenation of ``leaves`` (and of every device's slice).
 
   float32 whatever the leaf dtypes; NaN when an entry is NaN, inf when one is inf.
   ``axis_name`` sums the per-device partial sums with ``psum`` (``pmax`` for
-  ``p = inf``), for use inside ``shard_map``/``pmap``.
+  ``p = inf``), for use inside ``shard_map``/``pmap``. Small leaves are reduced
+  together (:func:`pack_small_leaves`).
   """
-  leaves = list(leaves)
+  leaves = pack_small_leaves([jnp.asarray(x) for x in leaves])
   if not leaves:
     return jnp.zeros((), jnp.float32)
   if not is_concrete(p):
@@ -327,21 +362,112 @@ def _scaled_norm_p(leaves, p, axis_name):
   return _scaled_norm(leaves, p, axis_name, power, root)
 
 
+def _normalize_axes(axes: Any, ndim: int) -> Optional[tuple]:
+  """``axes`` as a sorted tuple of non-negative ints, or None for all axes."""
+  if axes is None:
+    return None
+  axes = (axes,) if isinstance(axes, (numbers.Integral, np.integer)) else axes
+  out = []
+  for a in axes:
+    a = int(a)
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for a leaf of rank {ndim}")
+    out.append(a % ndim)
+  return tuple(sorted(set(out)))
+
+
+class LeafGroups:
+  """The leaves of a tree batched by shape, dtype and reduction axes.
+
+  The per-leaf rules (:func:`gradclip_jax.clip_by_norm`, AGC, AdaGC) compute a norm
+  and a scale per leaf. Done leaf by leaf, a tree of many small leaves becomes a
+  reduction kernel and a scale kernel per leaf, and XLA's compile time grows faster
+  than the leaf count: with 1,000 leaves a clip_by_norm + adam step took 38 s to
+  compile and adaptive_grad_clip + adam 297 s (benchmarks/clip_overhead.py on the
+  2-core CPU). Instead, the small leaves of one shape, dtype and reduction axes are
+  stacked into one array (a cheap copy: at most ``_PACK_LEAF`` entries per leaf),
+  the norms and scales are computed once per group, and only the final multiply is
+  per leaf. A large leaf is a group of its own (``x[None]``, no copy).
+
+  Group ``j`` holds the leaves ``members[j]``; arrays "per group" have a leading
+  axis of ``len(members[j])``.
+  """
+
+  def __init__(self, leaves: Sequence[Array], axes: Optional[Sequence[Any]] = None):
+    leaves = list(leaves)
+    axes = [None] * len(leaves) if axes is None else list(axes)
+    self.size = len(leaves)
+    self.members, self._axes, self._ndims = [], [], []
+    index = {}
+    for i, (x, a) in enumerate(zip(leaves, axes)):
+      a = _normalize_axes(a, x.ndim)
+      key = (x.shape, jnp.dtype(x.dtype), a)
+      if x.size <= _PACK_LEAF and key in index:
+        self.members[index[key]].append(i)
+        continue
+      if x.size <= _PACK_LEAF:
+        index[key] = len(self.members)
+      self.members.append([i])
+      self._axes.append(a)
+      self._ndims.append(x.ndim)
+
+  def reduce_axes(self, j: int) -> tuple:
+    """The axes of group ``j``'s stacked array that one leaf's reduction covers."""
+    a = self._axes[j]
+    return tuple(range(1, self._ndims[j] + 1)) if a is None else tuple(
+        i + 1 for i in a)
+
+  def stack(self, per_leaf: Sequence[Any]) -> list:
+    """Per-leaf values (same shape within a group) -> one array per group."""
+    return [jnp.asarray(per_leaf[m[0]])[None] if len(m) == 1 else
+            jnp.stack([jnp.asarray(per_leaf[i]) for i in m]) for m in self.members]
+
+  def unstack(self, per_group: Sequence[Array]) -> list:
+    """Inverse of :meth:`stack`: one value per leaf."""
+    out = [None] * self.size
+    for m, g in zip(self.members, per_group):
+      for k, i in enumerate(m):
+        out[i] = g[k]
+    return out
+
+  def norms(self, stacked: Sequence[Array]) -> list:
+    """L2 norm of every leaf of every group (keepdims), float32; see leaf_norms."""
+    stacked = list(stacked)
+    if not stacked:
+      return []
+    axes = tuple(self.reduce_axes(j) for j in range(len(stacked)))
+    sums = [jnp.sum(_sq_f32(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
+    overflow = stacked_any([jnp.isposinf(s) for s in sums])
+    rescue, plain = _leaf_branches(axes)
+    return lax.cond(overflow, rescue, plain, stacked, sums)
+
+  def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
+    """``apply_scale`` of every leaf by its entry of its group's ``scales``.
+
+    The group scales pass through one ``lax.optimization_barrier`` with the leaves
+    (see :func:`scale_leaves`).
+    """
+    leaves = list(leaves)
+    if not leaves:
+      return []
+    # Slicing each leaf's scale out of its group happens before the barrier, in a
+    # tiny kernel of its own: fused into the multiply (and into the optimizer's
+    # update after it), the slice index would make every leaf's kernel unique, and
+    # XLA compiles each unique kernel separately (identical ones only once).
+    scales, leaves = lax.optimization_barrier((self.unstack(scales), leaves))
+    return [apply_scale(x, s) for x, s in zip(leaves, scales)]
+
+
 def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
   """L2 norm of each leaf over its ``axes`` (all axes when None), keepdims, float32.
 
-  ``axes`` holds one entry per leaf. One overflow check covers all leaves: if any
-  sum of squares is infinite, every leaf is recomputed in scaled form under a single
-  ``lax.cond``, so compile time does not grow with a ``cond`` per leaf.
+  ``axes`` holds one entry per leaf. Computed per :class:`LeafGroups` group, with one
+  overflow check for all leaves: if any sum of squares is infinite, every group is
+  recomputed in scaled form under a single ``lax.cond``, so compile time does not
+  grow with a ``cond`` per leaf.
   """
-  leaves = list(leaves)
-  if not leaves:
-    return []
-  axes = tuple(_hashable(a) for a in axes)
-  sums = [jnp.sum(_sq_f32(x), axis=a, keepdims=True) for x, a in zip(leaves, axes)]
-  overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
-  rescue, plain = _leaf_branches(axes)
-  return lax.cond(overflow, rescue, plain, leaves, sums)
+  groups = LeafGroups(leaves, axes)
+  return groups.unstack(groups.norms(groups.stack(list(leaves))))
 
 
 @functools.lru_cache(maxsize=None)
