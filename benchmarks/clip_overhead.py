@@ -9,8 +9,9 @@ jitted step ``p, s = step(p, s, g)`` with donated parameter and state buffers fo
 
 on a 25M-parameter tree in float32 and in bfloat16, and on a tree of 1,000 small
 leaves (where compile time is reported too). The steps of one tree are timed in
-interleaved rounds (one call of each optimizer per round, synchronised with
-``jax.block_until_ready``, after a warm-up); a step time is the median over
+interleaved rounds (per round, each optimizer makes an untimed call and then a timed
+one, synchronised with ``jax.block_until_ready``, after a warm-up); a step time is the
+median over
 ``--repeats`` rounds, a ratio the median of the per-round ratios. It prints a
 markdown table of milliseconds and ratios.
 
@@ -108,10 +109,11 @@ def _compiled_step(make_tx, kind, dtype):
 def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3) -> dict:
   """name -> (median step seconds, median ratio to the first entry, compile seconds).
 
-  All steps are compiled first, then timed in interleaved rounds (one call of each
-  per round), so that a drift of the machine's speed during the run (15% within an
-  hour on the 2-core CPU) hits every optimizer alike. The ratio is the median over
-  rounds of ``t[name] / t[first]`` within the round.
+  All steps are compiled first, then timed in interleaved rounds (per round and
+  optimizer, one untimed call, then one timed call), so that a drift of the machine's
+  speed during the run (15% within an hour on the 2-core CPU) hits every optimizer
+  alike. The ratio is the median over rounds of ``t[name] / t[first]`` within the
+  round.
   """
   entries = {name: _compiled_step(f, kind, dtype) for name, f in make_txs.items()}
   for e in entries.values():
@@ -121,6 +123,11 @@ def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3) -> dict:
   times = {name: [] for name in entries}
   for _ in range(repeats):
     for name, e in entries.items():
+      # An untimed call first: with glibc's default allocator a step's page faults
+      # depend on what the previous step freed (its dynamic mmap threshold follows the
+      # sizes freed), so the first call after another optimizer's is not steady state.
+      e[1], e[2] = e[0](e[1], e[2], e[3])
+      jax.block_until_ready((e[1], e[2]))
       t0 = time.perf_counter()
       e[1], e[2] = e[0](e[1], e[2], e[3])
       jax.block_until_ready((e[1], e[2]))
