@@ -446,20 +446,14 @@ class LeafGroups:
     return lax.cond(overflow, rescue, plain, stacked, sums)
 
   def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
-    """``apply_scale`` of every leaf by its entry of its group's ``scales``.
+    """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``.
 
-    The group scales pass through one ``lax.optimization_barrier`` with the leaves
-    (see :func:`scale_leaves`).
+    Known cost: XLA fuses each leaf's slice of its group's scales into that leaf's
+    multiply (and into the optimizer update after it), so the slice index makes every
+    leaf's kernel unique, and XLA:CPU compiles unique kernels one by one (~8 ms each).
+    Slicing after the barrier instead gave the same HLO kernels.
     """
-    leaves = list(leaves)
-    if not leaves:
-      return []
-    # Known cost: XLA fuses each leaf's slice of its group's scales into that leaf's
-    # multiply (and into the optimizer update after it), so the slice index makes every
-    # leaf's kernel unique, and XLA:CPU compiles unique kernels one by one (~8 ms
-    # each). Slicing before the barrier did not change that (same HLO kernels).
-    scales, leaves = lax.optimization_barrier((list(scales), leaves))
-    return [apply_scale(x, s) for x, s in zip(leaves, self.unstack(scales))]
+    return scale_leaves(leaves, self.unstack(scales))
 
 
 def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
