@@ -9,9 +9,9 @@ jitted step ``p, s = step(p, s, g)`` with donated parameter and state buffers fo
 
 on a 25M-parameter tree in float32 and in bfloat16, and on a tree of 1,000 small
 leaves (where compile time is reported too). The steps of one tree are timed in
-interleaved rounds (per round, each optimizer makes an untimed call and then a timed
-one, synchronised with ``jax.block_until_ready``, after a warm-up); a step time is the
-median over
+interleaved rounds (per round, each optimizer makes an untimed call and then timed
+ones, synchronised with ``jax.block_until_ready``, after a warm-up; 1 timed call on CPU,
+10 chained ones elsewhere, see ``time_steps``); a step time is the median over
 ``--repeats`` rounds, a ratio the median of the per-round ratios. It prints a
 markdown table of milliseconds and ratios.
 
@@ -106,15 +106,19 @@ def _compiled_step(make_tx, kind, dtype):
   return [compiled, params, state, grads, time.perf_counter() - t0]
 
 
-def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3) -> dict:
+def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3, inner=None) -> dict:
   """name -> (median step seconds, median ratio to the first entry, compile seconds).
 
   All steps are compiled first, then timed in interleaved rounds (per round and
-  optimizer, one untimed call, then one timed call), so that a drift of the machine's
-  speed during the run (15% within an hour on the 2-core CPU) hits every optimizer
-  alike. The ratio is the median over rounds of ``t[name] / t[first]`` within the
-  round.
+  optimizer, one untimed call, then ``inner`` timed calls synchronised once), so that a
+  drift of the machine's speed during the run (15% within an hour on the 2-core CPU)
+  hits every optimizer alike. The ratio is the median over rounds of
+  ``t[name] / t[first]`` within the round. ``inner`` defaults to 1 on CPU (steps of
+  tens of ms) and 10 elsewhere: a GPU step of half a millisecond would otherwise carry
+  a host round trip of tens of microseconds, pulling every ratio towards 1.
   """
+  if inner is None:
+    inner = 1 if jax.default_backend() == "cpu" else 10
   entries = {name: _compiled_step(f, kind, dtype) for name, f in make_txs.items()}
   for e in entries.values():
     for _ in range(warmup):
@@ -129,9 +133,10 @@ def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3) -> dict:
       e[1], e[2] = e[0](e[1], e[2], e[3])
       jax.block_until_ready((e[1], e[2]))
       t0 = time.perf_counter()
-      e[1], e[2] = e[0](e[1], e[2], e[3])
+      for _ in range(inner):
+        e[1], e[2] = e[0](e[1], e[2], e[3])
       jax.block_until_ready((e[1], e[2]))
-      times[name].append(time.perf_counter() - t0)
+      times[name].append((time.perf_counter() - t0) / inner)
   base = times[next(iter(times))]
   return {name: (statistics.median(ts),
                  statistics.median(t / b for t, b in zip(ts, base)), entries[name][4])

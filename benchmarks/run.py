@@ -19,8 +19,9 @@ Sections:
   trainer is installed; see ``ptb_speed.py``).
 
 Writes ``results/<device>-<date>.json``, a markdown table ``.md`` and a PNG plot.
-Times are medians over repeats after a warm-up, synchronised with
-``jax.block_until_ready``.
+Times are medians over repeats after a warm-up; a repeat is the mean of 10 chained
+calls synchronised once with ``jax.block_until_ready`` (as in a training loop, the
+host dispatches a call while the device runs the one before).
 """
 
 from __future__ import annotations
@@ -103,22 +104,30 @@ def standalone_rules() -> dict:
 # ------------------------------------------------------------------------ timing
 
 
-def median_time(fn, args, repeats, warmup=2, donate_first=True):
-  """Median seconds of ``out = fn(*args)``, feeding a donated output back in."""
+def median_time(fn, args, repeats, warmup=2, donate_first=True, inner=10):
+  """Median over ``repeats`` of the mean seconds of ``out = fn(*args)``.
+
+  Each repeat times ``inner`` chained calls (the donated output fed back in) and one
+  ``block_until_ready`` at the end, so that on a GPU the host's dispatch of a call
+  overlaps the device's work of the one before, as in a training loop; one
+  synchronisation per call would add its round trip (tens of microseconds) to
+  kernels of a few hundred.
+  """
   out = None
+  feed = lambda a, o: ((o[0] if isinstance(o, tuple) else o,) + tuple(a[1:])
+                       if donate_first else a)
   for _ in range(warmup):
     out = fn(*args)
-    if donate_first:
-      args = (out[0] if isinstance(out, tuple) else out,) + tuple(args[1:])
+    args = feed(args, out)
   jax.block_until_ready(out)
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    out = fn(*args)
+    for _ in range(inner):
+      out = fn(*args)
+      args = feed(args, out)
     jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-    if donate_first:
-      args = (out[0] if isinstance(out, tuple) else out,) + tuple(args[1:])
+    times.append((time.perf_counter() - t0) / inner)
   return statistics.median(times)
 
 
@@ -133,33 +142,41 @@ def copy_limit(tree, repeats):
   return median_time(fn, (tree, jnp.asarray(0.999, jnp.float32)), repeats)
 
 
-def time_rule(make_tx, tree, repeats, t0=None, warmup=2):
+def time_rule(make_tx, tree, repeats, t0=None, warmup=2, inner=10):
   """Median seconds of one ``tx.update`` on a donated gradient tree.
 
   The output is fed back as the next gradient. ``make_tx(t)`` builds the rule from a
   threshold ``t`` passed at run time: starting at ``t0`` and 0.9x smaller at every
   call, so that every call clips (see :func:`standalone_rules`); a huge ``t0`` times
-  the under-the-bound case; ``t0=None`` passes no threshold.
+  the under-the-bound case; ``t0=None`` passes no threshold. The thresholds are on
+  the device before the clock starts, and each repeat times ``inner`` chained calls
+  (see :func:`median_time`).
   """
   params = jax.tree.map(lambda x: x + 1, tree)
   # The threshold in the gradients' dtype: optax.clip_by_global_norm fails on a
   # float32 threshold with bfloat16 gradients (lax.select of mixed dtypes).
-  t = jnp.asarray(1.0 if t0 is None else t0, jax.tree.leaves(tree)[0].dtype)
-  state = make_tx(t).init(tree)
+  dtype = jax.tree.leaves(tree)[0].dtype
+  calls = warmup + repeats * inner
+  ts = [jnp.asarray(1.0 if t0 is None else t0 * 0.9 ** (i + 1), dtype)
+        for i in range(calls)]
+  state = make_tx(ts[0]).init(tree)
 
   def update(g, s, t):
     return make_tx(t).update(g, s, params)
 
   fn = jax.jit(update, donate_argnums=0)
-  g, times = tree, []
-  for i in range(warmup + repeats):
-    t = t * 0.9 if t0 is not None else t
-    jax.block_until_ready((g, t))
+  g, times, k = tree, [], 0
+  for _ in range(warmup):
+    g, state = fn(g, state, ts[k])
+    k += 1
+  jax.block_until_ready((g, ts))
+  for _ in range(repeats):
     t_start = time.perf_counter()
-    g, state = fn(g, state, t)
+    for _ in range(inner):
+      g, state = fn(g, state, ts[k])
+      k += 1
     jax.block_until_ready(g)
-    if i >= warmup:
-      times.append(time.perf_counter() - t_start)
+    times.append((time.perf_counter() - t_start) / inner)
   return statistics.median(times)
 
 
@@ -190,7 +207,7 @@ def section_throughput(repeats, quick, all_rules=False):
       rows.append(dict(shape=shape, dtype=dtype, rule="copy limit (g*s in place)",
                        ms=1e3 * base, gbps=size / base / 1e9, vs_copy=1.0))
       print(f"  throughput {shape:>18} {dtype:8} {'copy limit (g*s in place)':28} "
-            f"{1e3 * base:8.2f} ms  1.00x copy", flush=True)
+            f"{1e3 * base:8.3f} ms  1.00x copy", flush=True)
       optax_ms = None
       for name, (make_tx, t0) in standalone_rules().items():
         if quick and name not in ("optax.clip_by_global_norm", "clip_by_global_norm"):
@@ -204,7 +221,7 @@ def section_throughput(repeats, quick, all_rules=False):
                          gbps=size / t / 1e9, vs_copy=t / base,
                          vs_optax=(1e3 * t / optax_ms) if optax_ms and
                          name == "clip_by_global_norm" else None))
-        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.2f} ms "
+        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.3f} ms "
               f"{t / base:5.2f}x copy", flush=True)
       optax_under = None
       for name, (make_tx, t0) in under.items():
@@ -214,7 +231,7 @@ def section_throughput(repeats, quick, all_rules=False):
                          gbps=size / t / 1e9, vs_copy=t / base,
                          vs_optax=(1e3 * t / optax_under) if name.startswith(
                              "clip_by") else None))
-        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.2f} ms "
+        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.3f} ms "
               f"{t / base:5.2f}x copy", flush=True)
   return rows
 
@@ -229,7 +246,7 @@ def section_overhead(repeats, quick):
     for name, (t, ratio, c) in timed.items():
       rows.append(dict(tree=kind, dtype=dtype, optimizer=name, step_ms=1e3 * t,
                        ratio=ratio, compile_s=c))
-      print(f"  overhead {spec:14} {name:28} {1e3 * t:8.2f} ms {ratio:5.3f}",
+      print(f"  overhead {spec:14} {name:28} {1e3 * t:8.3f} ms {ratio:5.3f}",
             flush=True)
   return rows
 
@@ -283,6 +300,28 @@ def section_ptb(quick, data_dir=None, steps=None):
 # ------------------------------------------------------------------------ reports
 
 
+def least_traffic(rule: str) -> int:
+  """The memory traffic a rule cannot avoid, in units of the gradient's bytes.
+
+  A copy reads and writes every byte (2). A norm-based clip reads the gradient for
+  its norm, then reads and writes it to scale it (3); AGC also reads the weights for
+  theirs (4); clipping by value reads and writes once (2). Under the bound a rule
+  only has to read the gradient for its norm (1): nothing needs writing.
+  """
+  if "under bound" in rule:
+    return 1
+  if rule.startswith("copy limit") or "by value" in rule or rule == "clip_by_value":
+    return 2
+  if rule.startswith("adaptive_grad_clip"):
+    return 4
+  return 3
+
+
+def bandwidth_vs_copy(rule: str, vs_copy: float) -> float:
+  """Memory bandwidth the rule achieves over the copy's: least traffic / time."""
+  return least_traffic(rule) / 2.0 / vs_copy
+
+
 def markdown(result) -> str:
   lines = [f"# gradclip_jax benchmarks: {result['device']} ({result['platform']})",
            "", f"{result['date']}, jax {result['jax']}, optax {result['optax']}, "
@@ -292,12 +331,19 @@ def markdown(result) -> str:
       lines += [f"{key.capitalize()}: {result[key]}", ""]
   if result.get("throughput"):
     lines += ["## Standalone clip throughput", "",
-              "| tree | dtype | rule | ms | GB/s | / copy limit | / optax |",
-              "|---|---|---|---:|---:|---:|---:|"]
+              "GB/s: gradient bytes per second. / copy limit: time over the time of "
+              "`g <- g * s` in place. Bandwidth vs copy: the least memory traffic the "
+              "rule needs (`benchmarks/run.py:least_traffic`: 3x the gradient bytes "
+              "for a norm-based clip, 1x under the bound) per second, over the copy's "
+              "(2x per copy time).", "",
+              "| tree | dtype | rule | ms | GB/s | / copy limit | bandwidth vs copy "
+              "| / optax |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["throughput"]:
       vo = f"{r['vs_optax']:.2f}" if r.get("vs_optax") else ""
-      lines.append(f"| {r['shape']} | {r['dtype']} | {r['rule']} | {r['ms']:.2f} | "
-                   f"{r['gbps']:.1f} | {r['vs_copy']:.2f} | {vo} |")
+      bw = bandwidth_vs_copy(r["rule"], r["vs_copy"])
+      lines.append(f"| {r['shape']} | {r['dtype']} | {r['rule']} | {r['ms']:.3f} | "
+                   f"{r['gbps']:.1f} | {r['vs_copy']:.2f} | {100 * bw:.0f}% | {vo} |")
     lines.append("")
   if result.get("overhead"):
     lines += ["## Fused step: rule + adam over adam alone", "",
@@ -313,7 +359,8 @@ def markdown(result) -> str:
     for r in result["compile"]:
       by_n.setdefault(r["leaves"], {})[r["impl"]] = r["compile_s"]
     for n, d in sorted(by_n.items()):
-      lines.append(f"| {n} | {d['optax']:.2f} | {d['gradclip_jax']:.2f} |")
+      cell = lambda k: f"{d[k]:.2f}" if k in d else ""  # pylint: disable=cell-var-from-loop
+      lines.append(f"| {n} | {cell('optax')} | {cell('gradclip_jax')} |")
     lines.append("")
   if result.get("ptb"):
     lines += ["## PTB LSTM training step", "", "| config | words/s (clip) | "
@@ -452,9 +499,11 @@ def parse_log(text):
       shape, dtype, rule, ms, ratio = m[1], m[2], m[3], float(m[4]), float(m[5])
       size = nbytes(jax.eval_shape(lambda: tree_of(shape, jnp.dtype(dtype))))  # pylint: disable=cell-var-from-loop
       key = (shape, dtype, "under" if "under bound" in rule else "clip")
+      # Ratios to Optax from the printed copy ratios (3 significant digits) rather
+      # than from the milliseconds (2 decimals: too coarse for GPU times).
       if rule.startswith("optax.clip_by_global_norm"):
-        optax_ms[key] = ms
-      vo = ms / optax_ms[key] if rule.startswith("clip_by_global_norm") and \
+        optax_ms[key] = ratio
+      vo = ratio / optax_ms[key] if rule.startswith("clip_by_global_norm") and \
           "L1" not in rule and key in optax_ms else None
       res["throughput"].append(dict(shape=shape, dtype=dtype, rule=rule, ms=ms,
                                     gbps=size / ms / 1e6, vs_copy=ratio, vs_optax=vo))

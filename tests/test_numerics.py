@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import gradclip_jax as gc
+from gradclip_jax import _norms
 from gradclip_jax import functional as F
 
 
@@ -190,3 +191,82 @@ class NonFinitePolicyTest(chex.TestCase):
     chex.assert_trees_all_equal(updates, {"a": jnp.zeros(2)})
     chex.assert_trees_all_equal(optax.tree_utils.tree_get(state, "mu"), mu_before)
     self.assertEqual(int(state.notfinite_count), 1)
+
+
+class AcceleratorBranchTest(chex.TestCase):
+  """The GPU/TPU form of the overflow rescue (``_norms.overflow_guarded``), run on CPU.
+
+  Off CPU the norms reduce the plain and the scaled sums in one pass and select,
+  instead of a ``lax.cond``; here that branch is forced so that it meets the same
+  numerics claims as the CPU branch.
+  """
+
+  def setUp(self):
+    super().setUp()
+    self._saved = _norms.overflow_guarded
+    _norms.overflow_guarded = lambda leaves, checked, fused: fused(leaves)
+    jax.clear_caches()
+
+  def tearDown(self):
+    _norms.overflow_guarded = self._saved
+    jax.clear_caches()
+    super().tearDown()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_overflow_is_rescued(self):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      g = {"a": jnp.full((16,), 1e30, dtype), "b": jnp.full((9,), -1e30, dtype)}
+      big = float(jnp.asarray(1e30, dtype))
+      for p, expected in ((2.0, big * 5), (1.0, big * 25)):
+        n = self.variant(lambda t, p=p: F.global_norm(t, p))(g)
+        np.testing.assert_allclose(float(n), expected, rtol=1e-5)
+      out = self.variant(lambda t: F.clip_by_norm(t, 1.0))(g)["a"]
+      np.testing.assert_allclose(float(jnp.linalg.norm(out.astype(jnp.float32))), 1.0,
+                                 rtol=1e-2)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_without_overflow(self):
+    rng = np.random.default_rng(0)
+    g = {"a": rng.normal(size=(7, 5)).astype(np.float32),
+         "b": rng.normal(size=(300,)).astype(np.float32) * 1e-3,
+         "c": np.float16(rng.normal(size=(4, 4)) * 300)}
+    flat = np.concatenate([np.ravel(x).astype(np.float64) for x in g.values()])
+    n = self.variant(lambda t: F.global_norm(t))(g)
+    np.testing.assert_allclose(float(n), np.linalg.norm(flat), rtol=1e-6)
+    n1 = self.variant(lambda t: F.global_norm(t, 1.0))(g)
+    np.testing.assert_allclose(float(n1), np.abs(flat).sum(), rtol=1e-6)
+    norms = self.variant(lambda t: _norms.leaf_norms(t, [None, None, (1,)]))(
+        list(g.values()))
+    np.testing.assert_allclose(float(norms[0].squeeze()), np.linalg.norm(g["a"]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(norms[2]).ravel(),
+                               np.linalg.norm(g["c"].astype(np.float64), axis=1),
+                               rtol=1e-6)
+
+  def test_nonfinite_entries_come_through(self):
+    for bad, want in ((jnp.nan, math.nan), (jnp.inf, math.inf)):
+      g = [jnp.array([1.0, bad, 2.0])]
+      n = float(F.global_norm(g))
+      self.assertTrue(math.isnan(n) if math.isnan(want) else n == want, (bad, n))
+      m = float(_norms.leaf_norms(g, [None])[0].squeeze())
+      self.assertTrue(math.isnan(m) if math.isnan(want) else m == want, (bad, m))
+
+  def test_derivatives_are_nan_free_at_zero_and_at_overflow(self):
+    def loss(g, c):
+      out, _ = F.clip_by_global_norm(g, c)
+      return sum(jnp.sum(x * jnp.arange(1.0, x.size + 1)) for x in jax.tree.leaves(out))
+
+    for g in ({"a": jnp.zeros(3)}, {"a": jnp.full((3,), 1e30)}):
+      for c in (0.0, 1.0):
+        dg, dc = jax.grad(loss, argnums=(0, 1))(g, c)
+        self.assertTrue(np.isfinite(np.asarray(dg["a"])).all(), (g, c, dg))
+        self.assertTrue(np.isfinite(float(dc)), (g, c))
+    dn = jax.grad(lambda t: _norms.leaf_norms(t, [None])[0].sum())([jnp.zeros(3)])
+    self.assertTrue(np.isfinite(np.asarray(dn[0])).all())
+
+  def test_no_cond_in_the_lowered_step(self):
+    tx = gc.clip_by_global_norm(1.0)
+    g = {"a": jnp.ones((4, 4)), "b": jnp.ones(3)}
+    text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
+    self.assertNotIn("stablehlo.if", text)
+    self.assertNotIn("stablehlo.case", text)
