@@ -19,9 +19,11 @@ Sections:
   trainer is installed; see ``ptb_speed.py``).
 
 Writes ``results/<device>-<date>.json``, a markdown table ``.md`` and a PNG plot.
-Times are medians over repeats after a warm-up; a repeat is the mean of 10 chained
-calls synchronised once with ``jax.block_until_ready`` (as in a training loop, the
-host dispatches a call while the device runs the one before).
+Times are medians over rounds after a warm-up; in a round every rule of a tree is
+timed in turn (interleaved, so that the machine's drift hits all alike), each as the
+mean of 10 chained calls synchronised once with ``jax.block_until_ready`` (as in a
+training loop, the host dispatches a call while the device runs the one before).
+Ratios (to the copy, to Optax) are medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -104,80 +106,76 @@ def standalone_rules() -> dict:
 # ------------------------------------------------------------------------ timing
 
 
-def median_time(fn, args, repeats, warmup=2, donate_first=True, inner=10):
-  """Median over ``repeats`` of the mean seconds of ``out = fn(*args)``.
-
-  Each repeat times ``inner`` chained calls (the donated output fed back in) and one
-  ``block_until_ready`` at the end, so that on a GPU the host's dispatch of a call
-  overlaps the device's work of the one before, as in a training loop; one
-  synchronisation per call would add its round trip (tens of microseconds) to
-  kernels of a few hundred.
-  """
-  out = None
-  feed = lambda a, o: ((o[0] if isinstance(o, tuple) else o,) + tuple(a[1:])
-                       if donate_first else a)
-  for _ in range(warmup):
-    out = fn(*args)
-    args = feed(args, out)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-      args = feed(args, out)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times)
-
-
 def nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def copy_limit(tree, repeats):
-  """Seconds of ``g <- g * s`` in place: one read and one write of every byte."""
-  fn = jax.jit(lambda g, s: jax.tree.map(lambda x: (x * s).astype(x.dtype), g),
-               donate_argnums=0)
-  return median_time(fn, (tree, jnp.asarray(0.999, jnp.float32)), repeats)
+def _copy_tx(t):
+  """The copy limit as a "rule": ``g <- g * t`` in place, one read and one write.
 
-
-def time_rule(make_tx, tree, repeats, t0=None, warmup=2, inner=10):
-  """Median seconds of one ``tx.update`` on a donated gradient tree.
-
-  The output is fed back as the next gradient. ``make_tx(t)`` builds the rule from a
-  threshold ``t`` passed at run time: starting at ``t0`` and 0.9x smaller at every
-  call, so that every call clips (see :func:`standalone_rules`); a huge ``t0`` times
-  the under-the-bound case; ``t0=None`` passes no threshold. The thresholds are on
-  the device before the clock starts, and each repeat times ``inner`` chained calls
-  (see :func:`median_time`).
+  ``t`` is a run-time argument (1.0 under ``t0=None``), so XLA cannot fold the multiply
+  away: a constant like 0.999, which rounds to 1 in bfloat16, left no work at all.
   """
-  params = jax.tree.map(lambda x: x + 1, tree)
-  # The threshold in the gradients' dtype: optax.clip_by_global_norm fails on a
-  # float32 threshold with bfloat16 gradients (lax.select of mixed dtypes).
-  dtype = jax.tree.leaves(tree)[0].dtype
-  calls = warmup + repeats * inner
-  ts = [jnp.asarray(1.0 if t0 is None else t0 * 0.9 ** (i + 1), dtype)
-        for i in range(calls)]
-  state = make_tx(ts[0]).init(tree)
+  return optax.GradientTransformation(
+      lambda p: optax.EmptyState(),
+      lambda g, s, p=None: (jax.tree.map(lambda x: x * t.astype(x.dtype), g), s))
 
-  def update(g, s, t):
-    return make_tx(t).update(g, s, params)
 
-  fn = jax.jit(update, donate_argnums=0)
-  g, times, k = tree, [], 0
-  for _ in range(warmup):
-    g, state = fn(g, state, ts[k])
-    k += 1
-  jax.block_until_ready((g, ts))
+COPY = "copy limit (g*s in place)"
+
+
+def time_rules(rules: dict, fresh_tree, repeats, inner=10, warmup=2) -> dict:
+  """name -> per-round mean seconds of one ``tx.update`` on a donated gradient tree.
+
+  ``rules``: name -> (``make_tx(t)``, first threshold ``t0`` or None). All rules are
+  compiled first, then timed in ``repeats`` interleaved rounds, so that the machine's
+  drift hits every rule alike. In a round each rule gets a fresh tree
+  (``fresh_tree()``) and makes ``inner`` chained calls, the output fed back as the
+  next gradient, synchronised once at the end: on a GPU the host then dispatches a
+  call while the device runs the one before, as in a training loop. The threshold is
+  passed at run time, starting at ``t0`` and 0.9x smaller at every call, so that every
+  call clips (a rule that clipped to its bound would not clip the same gradient
+  again); a huge ``t0`` times the under-the-bound case; ``t0=None`` passes 1.0 (the
+  adaptive rules set their own thresholds). The thresholds are on the device before
+  the clock starts. A fresh tree per round keeps the entries far from float32's
+  underflow, which a long chain of shrinking thresholds would reach.
+  """
+  entries = {}
+  for name, (make_tx, t0) in rules.items():
+    tree = fresh_tree()
+    dtype = jax.tree.leaves(tree)[0].dtype
+    # The threshold in the gradients' dtype: optax.clip_by_global_norm fails on a
+    # float32 threshold with bfloat16 gradients (lax.select of mixed dtypes).
+    ts = [jnp.asarray(1.0 if t0 is None else t0 * 0.9 ** (i + 1), dtype)
+          for i in range(max(inner, warmup))]
+    params = jax.tree.map(lambda x: x + 1, tree)
+    state = make_tx(ts[0]).init(tree)
+
+    def update(g, s, t, make_tx=make_tx, params=params):
+      return make_tx(t).update(g, s, params)
+
+    fn = jax.jit(update, donate_argnums=0)
+    for i in range(warmup):
+      tree, state = fn(tree, state, ts[i])
+    jax.block_until_ready(tree)
+    entries[name] = [fn, state, ts]
+  times = {name: [] for name in entries}
   for _ in range(repeats):
-    t_start = time.perf_counter()
-    for _ in range(inner):
-      g, state = fn(g, state, ts[k])
-      k += 1
-    jax.block_until_ready(g)
-    times.append((time.perf_counter() - t_start) / inner)
-  return statistics.median(times)
+    for name, e in entries.items():
+      fn, state, ts = e
+      g = jax.block_until_ready(fresh_tree())
+      t_start = time.perf_counter()
+      for i in range(inner):
+        g, state = fn(g, state, ts[i])
+      jax.block_until_ready(g)
+      times[name].append((time.perf_counter() - t_start) / inner)
+      e[1] = state
+  return times
+
+
+def median_ratio(times, name, base) -> float:
+  """Median over rounds of ``times[name] / times[base]`` within the round."""
+  return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 # ----------------------------------------------------------------------- sections
@@ -191,6 +189,7 @@ CORE_RULES = ("optax.clip_by_global_norm", "clip_by_global_norm",
 
 
 def section_throughput(repeats, quick, all_rules=False):
+  """Standalone clips, each (shape, dtype) timed in interleaved rounds (time_rules)."""
   shapes = ["one 25M leaf"] if quick else ["one 25M leaf", "transformer 25M",
                                            "1000 small leaves"]
   dtypes = ["float32"] if quick else ["float32", "bfloat16"]
@@ -198,41 +197,31 @@ def section_throughput(repeats, quick, all_rules=False):
   for shape in shapes:
     for dtype in dtypes:
       full = all_rules or (dtype == "float32" and shape != "1000 small leaves")
-      tree = tree_of(shape, jnp.dtype(dtype))
-      size = nbytes(tree)
-      base = copy_limit(tree, repeats)
-      under = {  # no clipping needed: the cost of checking
-          "optax.clip_by_global_norm (under bound)": (optax.clip_by_global_norm, 1e30),
-          "clip_by_global_norm (under bound)": (gradclip_jax.clip_by_global_norm, 1e30)}
-      rows.append(dict(shape=shape, dtype=dtype, rule="copy limit (g*s in place)",
-                       ms=1e3 * base, gbps=size / base / 1e9, vs_copy=1.0))
-      print(f"  throughput {shape:>18} {dtype:8} {'copy limit (g*s in place)':28} "
-            f"{1e3 * base:8.3f} ms  1.00x copy", flush=True)
-      optax_ms = None
-      for name, (make_tx, t0) in standalone_rules().items():
+      rules = {COPY: (_copy_tx, None)}
+      for name, spec in standalone_rules().items():
         if quick and name not in ("optax.clip_by_global_norm", "clip_by_global_norm"):
           continue
-        if not full and name not in CORE_RULES:
-          continue
-        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, t0)
-        if name == "optax.clip_by_global_norm":
-          optax_ms = 1e3 * t
+        if full or name in CORE_RULES:
+          rules[name] = spec
+      # No clipping needed: the cost of checking.
+      rules["optax.clip_by_global_norm (under bound)"] = (optax.clip_by_global_norm, 1e30)
+      rules["clip_by_global_norm (under bound)"] = (gradclip_jax.clip_by_global_norm, 1e30)
+      fresh = lambda shape=shape, dtype=dtype: tree_of(shape, jnp.dtype(dtype))
+      size = nbytes(jax.eval_shape(fresh))
+      times = time_rules(rules, fresh, repeats)
+      for name in rules:
+        t = statistics.median(times[name])
+        vs_copy = median_ratio(times, name, COPY)
+        base = ("optax.clip_by_global_norm (under bound)" if "under bound" in name
+                else "optax.clip_by_global_norm")
+        vs_optax = (median_ratio(times, name, base)
+                    if name.startswith("clip_by_global_norm") and "L1" not in name
+                    and base in times else None)
         rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
-                         gbps=size / t / 1e9, vs_copy=t / base,
-                         vs_optax=(1e3 * t / optax_ms) if optax_ms and
-                         name == "clip_by_global_norm" else None))
+                         gbps=size / t / 1e9, vs_copy=vs_copy, vs_optax=vs_optax))
         print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.3f} ms "
-              f"{t / base:5.2f}x copy", flush=True)
-      optax_under = None
-      for name, (make_tx, t0) in under.items():
-        t = time_rule(make_tx, tree_of(shape, jnp.dtype(dtype)), repeats, t0)
-        optax_under = optax_under or 1e3 * t
-        rows.append(dict(shape=shape, dtype=dtype, rule=name, ms=1e3 * t,
-                         gbps=size / t / 1e9, vs_copy=t / base,
-                         vs_optax=(1e3 * t / optax_under) if name.startswith(
-                             "clip_by") else None))
-        print(f"  throughput {shape:>18} {dtype:8} {name:28} {1e3 * t:8.3f} ms "
-              f"{t / base:5.2f}x copy", flush=True)
+              f"{vs_copy:5.2f}x copy" + (f" {vs_optax:5.3f}x optax" if vs_optax else ""),
+              flush=True)
   return rows
 
 
@@ -499,12 +488,14 @@ def parse_log(text):
       shape, dtype, rule, ms, ratio = m[1], m[2], m[3], float(m[4]), float(m[5])
       size = nbytes(jax.eval_shape(lambda: tree_of(shape, jnp.dtype(dtype))))  # pylint: disable=cell-var-from-loop
       key = (shape, dtype, "under" if "under bound" in rule else "clip")
-      # Ratios to Optax from the printed copy ratios (3 significant digits) rather
-      # than from the milliseconds (2 decimals: too coarse for GPU times).
+      # The printed ratio to Optax (newer logs), else one from the printed copy
+      # ratios (3 significant digits; the milliseconds of older logs had 2 decimals,
+      # too coarse for GPU times).
       if rule.startswith("optax.clip_by_global_norm"):
         optax_ms[key] = ratio
-      vo = ratio / optax_ms[key] if rule.startswith("clip_by_global_norm") and \
-          "L1" not in rule and key in optax_ms else None
+      vo = re.search(r"([\d.]+)x optax", line)
+      vo = float(vo[1]) if vo else ratio / optax_ms[key] if rule.startswith(
+          "clip_by_global_norm") and "L1" not in rule and key in optax_ms else None
       res["throughput"].append(dict(shape=shape, dtype=dtype, rule=rule, ms=ms,
                                     gbps=size / ms / 1e6, vs_copy=ratio, vs_optax=vo))
       continue

@@ -48,9 +48,27 @@ def test_least_traffic_and_bandwidth():
   assert run.bandwidth_vs_copy("clip_by_global_norm", 1.5) == pytest.approx(1.0)
 
 
-def test_time_rule_times_the_clipping_and_the_under_bound_regimes():
-  tree = lambda: {"w": jnp.full((64, 64), 0.01, jnp.float32)}  # donated: one per call
-  t = run.time_rule(gc.clip_by_global_norm, tree(), repeats=2, t0=1e-3, inner=3)
-  assert 0 < t < 10
-  t = run.time_rule(optax.clip_by_global_norm, tree(), repeats=2, t0=1e30, inner=3)
-  assert 0 < t < 10
+def test_time_rules_interleaves_rules_and_returns_per_round_times():
+  fresh = lambda: {"w": jnp.full((64, 64), 0.01, jnp.float32)}
+  rules = {run.COPY: (run._copy_tx, None),
+           "optax.clip_by_global_norm": (optax.clip_by_global_norm, 1e-3),
+           "clip_by_global_norm": (gc.clip_by_global_norm, 1e-3),
+           "clip_by_global_norm (under bound)": (gc.clip_by_global_norm, 1e30)}
+  times = run.time_rules(rules, fresh, repeats=3, inner=2)
+  assert list(times) == list(rules)
+  assert all(len(v) == 3 and all(0 < t < 10 for t in v) for v in times.values())
+  assert run.median_ratio(times, run.COPY, run.COPY) == 1.0
+
+
+def test_parse_log_prefers_a_printed_ratio_to_optax():
+  line = ("  throughput       one 25M leaf float32  clip_by_global_norm"
+          "              0.130 ms  1.45x copy 0.987x optax")
+  rows = run.parse_log(line)["throughput"]
+  assert rows[0]["vs_optax"] == 0.987
+
+
+def test_the_copy_limit_is_not_folded_away_in_bfloat16():
+  g = {"w": jnp.ones((8, 8), jnp.bfloat16)}
+  f = lambda g, t: run._copy_tx(t).update(g, optax.EmptyState())[0]
+  text = __import__("jax").jit(f).lower(g, jnp.bfloat16(1.0)).compile().as_text()
+  assert "multiply" in text

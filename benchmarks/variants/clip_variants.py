@@ -49,7 +49,7 @@ def make(norm, scale):
 
 VARIANTS = {
   "copy g*s": lambda g, t: (jax.tree.map(lambda x: (x * t).astype(x.dtype), g), t),
-  "optax": lambda g, t: (optax.clip_by_global_norm(t.astype(g["w"].dtype)).update(g, optax.EmptyState())[0], t),
+  "optax": lambda g, t: (optax.clip_by_global_norm(t.astype(jax.tree.leaves(g)[0].dtype)).update(g, optax.EmptyState())[0], t),
   "library (current)": lambda g, t: gradclip_jax.clip_by_global_norm(t).update(
       g, gradclip_jax.clip_by_global_norm(t).init(g)),
   "cond+barrier": make(norm_cond, scale_barrier),
