@@ -29,7 +29,7 @@ def _zero_count():
 
 class ClipByValueState(NamedTuple):
   """State of :func:`clip_by_value`."""
-  num_clipped: jax.Array  # int32: steps in which some entry hit a bound.
+  num_clipped: jax.Array  # int32: steps in which some entry hit a bound (or was NaN).
 
 
 def _check_value_bounds(min_value, max_value) -> None:
@@ -52,8 +52,10 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
   ``g <- min(max(g, min_value), max_value)``, elementwise, as TensorFlow's
   ``tf.clip_by_value``. The bounds may be numbers, JAX scalars (for
   ``optax.inject_hyperparams``) or pytrees of per-leaf bounds. Each leaf keeps its
-  dtype. Clipping by value changes the gradient's direction; prefer a norm rule
-  unless you port code that clips by value.
+  dtype. NaN entries stay NaN and the other entries of their leaf are still clipped
+  (as ``tf.clip_by_value`` and ``jnp.clip`` do); such a step counts in
+  ``num_clipped``. Clipping by value changes the gradient's direction; prefer a norm
+  rule unless you port code that clips by value.
 
   >>> import jax.numpy as jnp, gradclip_jax
   >>> tx = gradclip_jax.clip_by_value(-1.0, 1.0)
@@ -82,14 +84,18 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
     out, hits = [], []
     for g, a, b in zip(leaves, jax.tree.leaves(lo), jax.tree.leaves(hi)):
       a, b = jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)
-      # Whether this leaf has an entry outside [a, b], from its max and min. The
+      # Whether this leaf may have an entry outside [a, b], from its max and min. The
       # output is selected on it: besides passing an in-range leaf through, this makes
       # the in-place write depend on the reductions, so XLA needs no defensive copy
       # of a donated gradient (a boolean any() and an unconditional clip cost 12x a
-      # copy on CPU, measured in benchmarks/run.py). NaN entries count as in range.
-      outside = (jnp.max(g, initial=-jnp.inf) > b) | (jnp.min(g, initial=jnp.inf) < a)
-      out.append(jnp.where(outside, jnp.clip(g, a, b), g))
-      hits.append(outside)
+      # copy on CPU, measured in benchmarks/run.py). A NaN entry makes the max and
+      # min NaN, so the in-range test fails and the leaf goes through jnp.clip: NaN
+      # stays NaN and every other entry is clipped, as in tf.clip_by_value. (Testing
+      # `max > b | min < a` instead passed such a leaf through unclipped.)
+      in_range = ((jnp.max(g, initial=-jnp.inf) <= b)
+                  & (jnp.min(g, initial=jnp.inf) >= a))
+      out.append(jnp.where(in_range, g, jnp.clip(g, a, b)))
+      hits.append(~in_range)
     clipped = jax.tree.unflatten(treedef, out)
     hit = _norms.stacked_any(hits)
     return clipped, ClipByValueState(state.num_clipped + hit.astype(jnp.int32))

@@ -169,6 +169,22 @@ class ClipByValueTest(chex.TestCase):
                                       np.clip(np.asarray(x, np.float32), -0.5, 1.0))
       self.assertEqual(int(state.num_clipped), 1)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_entries_do_not_stop_the_clip(self):
+    # A NaN entry used to hide the leaf's out-of-range entries from the max/min test.
+    for dtype in DTYPES:
+      x = np.array([np.nan, 5.0, -3.0, 0.25], np.float32)
+      g = {"a": jnp.asarray(x, dtype), "b": jnp.asarray([0.5, -0.5], dtype)}
+      out, state = run(gc.clip_by_value(-1.0, 1.0), g, self.variant)
+      np.testing.assert_array_equal(np.asarray(out["a"], np.float32), np.clip(x, -1.0, 1.0))
+      np.testing.assert_array_equal(np.asarray(out["b"], np.float32), [0.5, -0.5])
+      self.assertEqual(int(state.num_clipped), 1)
+    # A NaN alone passes through (and the step counts, see ClipByValueState).
+    out, state = run(gc.clip_by_value(-1.0, 1.0), {"a": jnp.array([np.nan, 0.5])},
+                     self.variant)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [np.nan, 0.5])
+    self.assertEqual(int(state.num_clipped), 1)
+
   def test_per_leaf_bounds(self):
     g = {"a": jnp.array([-5.0, 5.0]), "b": jnp.array([-5.0, 5.0])}
     out, _ = run(gc.clip_by_value({"a": -1.0, "b": -2.0}, {"a": 1.0, "b": 3.0}), g)
