@@ -480,7 +480,7 @@ def parse_log(text):
   the printed ``x copy`` ratio of each rule (2 decimals, so about 1% uncertain).
   """
   res = {"throughput": [], "overhead": [], "compile": [], "ptb": []}
-  optax_ms = {}
+  optax_vs_copy = {}  # (shape, dtype, regime) -> Optax's printed copy ratio
   for line in text.splitlines():
     m = re.match(rf"\s+throughput\s+({_SHAPES})\s+(\S+)\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x copy",
                  line)
@@ -492,10 +492,14 @@ def parse_log(text):
       # ratios (3 significant digits; the milliseconds of older logs had 2 decimals,
       # too coarse for GPU times).
       if rule.startswith("optax.clip_by_global_norm"):
-        optax_ms[key] = ratio
-      vo = re.search(r"([\d.]+)x optax", line)
-      vo = float(vo[1]) if vo else ratio / optax_ms[key] if rule.startswith(
-          "clip_by_global_norm") and "L1" not in rule and key in optax_ms else None
+        optax_vs_copy[key] = ratio
+      printed = re.search(r"([\d.]+)x optax", line)
+      vo = None
+      if printed:
+        vo = float(printed[1])
+      elif (rule.startswith("clip_by_global_norm") and "L1" not in rule
+            and key in optax_vs_copy):
+        vo = ratio / optax_vs_copy[key]
       res["throughput"].append(dict(shape=shape, dtype=dtype, rule=rule, ms=ms,
                                     gbps=size / ms / 1e6, vs_copy=ratio, vs_optax=vo))
       continue

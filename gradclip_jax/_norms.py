@@ -16,8 +16,8 @@ Design points, each one a place where the usual implementations go wrong:
   scaled form ``m * ||x / m||`` (``m = max |x|``), as LAPACK's ``nrm2`` does. How
   the rescue runs depends on the backend (:func:`overflow_guarded`): on CPU under a
   ``lax.cond``, so the common path pays nothing for it; on GPU/TPU as a second
-  accumulator in the same pass over the data, since a ``cond`` there costs a
-  device-to-host round trip for its predicate.
+  accumulator in the same pass over the data, with no ``cond`` (measured there in
+  :func:`overflow_guarded`).
 * **NaN-free derivatives.** ``sqrt`` has an infinite slope at 0, so the naive
   ``jax.grad`` of a clipped zero gradient is ``0 * inf = NaN``. Roots are taken
   with the double-``where`` form, which gives a zero derivative at zero.
