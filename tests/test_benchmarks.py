@@ -3,6 +3,7 @@
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -70,5 +71,5 @@ def test_parse_log_prefers_a_printed_ratio_to_optax():
 def test_the_copy_limit_is_not_folded_away_in_bfloat16():
   g = {"w": jnp.ones((8, 8), jnp.bfloat16)}
   f = lambda g, t: run._copy_tx(t).update(g, optax.EmptyState())[0]
-  text = __import__("jax").jit(f).lower(g, jnp.bfloat16(1.0)).compile().as_text()
+  text = jax.jit(f).lower(g, jnp.bfloat16(1.0)).compile().as_text()
   assert "multiply" in text

@@ -36,16 +36,6 @@ def variants():
     u = jax.tree.map(lambda x: jnp.where(pred, 0., x), u)
     ns = jax.tree.map(lambda o, n: jnp.where(pred, o, n), s, ns)
     return optax.apply_updates(p, u), ns
-  def D(p, s, g, pred):   # both, params selected instead of updates
-    u, ns = tx.update(g, s, p)
-    np_ = optax.apply_updates(p, u)
-    np_ = jax.tree.map(lambda o, n: jnp.where(pred, o, n), p, np_)
-    ns = jax.tree.map(lambda o, n: jnp.where(pred, o, n), s, ns)
-    return np_, ns
-  def E(p, s, g, pred):   # both via the gradient: zero g and restore state
-    u, ns = tx.update(g, s, p)
-    new = (optax.apply_updates(p, u), ns)
-    return jax.tree.map(lambda o, n: jnp.where(pred, o, n), (p, s), new)
   def F(p, s, g, pred):   # the update materialised before the state is overwritten
     u, ns = tx.update(g, s, p)
     u = jax.tree.map(lambda x: jnp.where(pred, 0., x), u)
