@@ -116,6 +116,13 @@ def _is_finite_and_count(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
   return finite, finite.astype(jnp.int32)
 
 
+def _global_norm_and_count(updates) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The checked tree's f32 L2 norm, whether it is finite, and that as an int32 count."""
+  _norms.check_gradient_tree(updates)
+  norm = _norms.tree_norm(_norms.leaves_of(updates))
+  return (norm, *_is_finite_and_count(norm))
+
+
 def _propagate(finite: jax.Array, scale: jax.Array) -> jax.Array:
   """NaN scale on non-finite steps (every entry of the update becomes NaN)."""
   return jnp.where(finite, scale, jnp.nan)
@@ -353,9 +360,7 @@ def autoclip(percentile: Any = 10.0,
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
-    norm = _norms.tree_norm(_norms.leaves_of(updates))
-    finite, inc = _is_finite_and_count(norm)
+    norm, finite, inc = _global_norm_and_count(updates)
     slot = state.count % size
     history = jnp.where(finite, state.norm_history.at[slot].set(norm),
                         state.norm_history)
@@ -454,9 +459,7 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
-    norm = _norms.tree_norm(_norms.leaves_of(updates))
-    finite, inc = _is_finite_and_count(norm)
+    norm, finite, inc = _global_norm_and_count(updates)
     a, z_thr, e = _f32(alpha), _f32(z_threshold), jnp.maximum(_f32(eps), 0.0)
     cap = jnp.inf if max_norm is None else jnp.maximum(_f32(max_norm), 0.0)
     warm = state.count < jnp.maximum(jnp.asarray(warmup_steps, jnp.int32), 1)
