@@ -355,3 +355,59 @@ def test_resume_gives_identical_metrics(shared_data_dir, tmp_path, cache_dir):
   assert straight[0]["clip_fraction"] > 0  # The rule was active.
   res = lambda d: json.loads((tmp_path / d / "results.json").read_text())["test_acc"]
   assert res("straight") == res("split")
+
+
+def test_evaluate_returns_probabilities_in_the_split_order():
+  """Batches go by length; the probabilities must still land on their own examples."""
+  from gradclip_jax.training.classify import train
+  n = 11
+  lengths = np.array([5, 1, 3, 5, 2, 4, 1, 2, 3, 5, 4], np.int32)
+  tokens = np.zeros((n, 5), np.int32)
+  tokens[:, 0] = np.arange(n)  # Example i starts with token i.
+  split = ip.Split(tokens, lengths, (np.arange(n) % 2).astype(np.int32))
+  cfg = configs.ClassifyConfig(eval_batch_size=4, pad_multiple=1)
+
+  def eval_step(params, batch):  # p(class 1) = first token / n: a stamp of the example.
+    p1 = jnp.asarray(batch["tokens"][:, 0], jnp.float32) / n
+    sums = (jnp.zeros(()), jnp.sum((p1 > 0.5) == batch["labels"]) * 1.0,
+            jnp.sum(batch["weights"]))
+    return sums, jnp.stack([1 - p1, p1], -1)
+
+  out = train.evaluate(eval_step, None, split, cfg, mesh=None)
+  np.testing.assert_allclose(out["probs"][:, 1], np.arange(n) / n, rtol=1e-6)
+  assert out["probs"].shape == (n, 2)
+
+
+def test_ensemble_averages_its_members(shared_data_dir, tmp_path, cache_dir):
+  workdir = tmp_path / "ens"
+  rc = _run(["--dataset", "mr", "--config", "smoke", "--data-dir",
+             str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
+             "--workdir", str(workdir), "--max-epochs", "1", "--num-devices", "1",
+             "--set", "max_examples=64", "--set", "ensemble=2", "--seed", "3"])
+  assert rc == 0
+  result = json.loads((workdir / "results.json").read_text())
+  assert result["ensemble"] == 2
+  probs, labels = [], None
+  for k, seed in enumerate((3, 4)):
+    member = json.loads((workdir / f"member-{k}" / "results.json").read_text())
+    assert member["seed"] == seed and member["test_acc"] == result["member_test_acc"][k]
+    pred = np.load(workdir / f"member-{k}" / "predictions.npz")
+    labels = pred["test_labels"]
+    # The saved probabilities are the member's own: they give its test accuracy.
+    assert np.mean(pred["test_probs"].argmax(-1) == labels) == pytest.approx(member["test_acc"])
+    probs.append(pred["test_probs"])
+  assert not np.allclose(probs[0], probs[1])  # Two different models.
+  mean = (probs[0] + probs[1]) / 2
+  assert result["test_acc"] == pytest.approx(np.mean(mean.argmax(-1) == labels))
+  assert result["test_loss"] == pytest.approx(
+      -np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-5)
+
+
+def test_ensemble_bad_size_and_dp_are_clear_errors(shared_data_dir, tmp_path, cache_dir):
+  base = ["--dataset", "mr", "--config", "smoke", "--data-dir",
+          str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
+          "--workdir", str(tmp_path / "w"), "--max-steps", "1"]
+  with pytest.raises(ValueError, match="ensemble must be an integer >= 1"):
+    _run(base + ["--set", "ensemble=0"])
+  with pytest.raises(ValueError, match="privacy"):
+    _run(base + ["--set", "ensemble=2", "--dp", "--noise-multiplier", "1.0"])

@@ -51,6 +51,10 @@ class ClassifyConfig:
   # (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0 turns it off.
   ema_decay: float = 0.0
 
+  # Ensembling: train this many models (seeds --seed, --seed + 1, ...) and test the mean of their
+  # predicted probabilities; 1: a single model.
+  ensemble: int = 1
+
 
 _CONFIGS = {
     # IMDB (Maas et al. 2011): reviews average ~267 tokens; keep the last 800 (about 97%

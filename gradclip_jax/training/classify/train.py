@@ -5,9 +5,12 @@
 The optimizer is ``optax.chain(<clipping rule from --clip>, adam | sgd)``. Outputs in
 ``--workdir``: ``metrics.jsonl`` (one line per epoch: ``epoch, train_loss, train_acc,
 eval_acc, grad_norm_mean, clip_fraction, examples_per_s``), ``checkpoints/`` (orbax; exact
-``--resume``), ``data_cache/`` (tokenized corpus) and ``results.json`` (final test accuracy
+``--resume``), ``data_cache/`` (tokenized corpus), ``results.json`` (final test accuracy
 of the parameters with the best ``eval_acc``; with ``--set ema_decay=D`` the parameters
-evaluated and tested are their exponential moving average, see ``ema_update``).
+evaluated and tested are their exponential moving average, see ``ema_update``) and
+``predictions.npz`` (their class probabilities on the test split, and its labels).
+``--set ensemble=K`` trains K models with seeds ``--seed`` to ``--seed + K - 1`` (each in
+``member-k/``, laid out as above) and tests the mean of their probabilities.
 
 DP-SGD (``--dp``, privacy unit: one training example): the gradient is
 ``gradclip_jax.clipped_grad`` of the per-example losses (each clipped to ``--dp-max-norm``,
@@ -92,6 +95,11 @@ def main(args: argparse.Namespace) -> int:
       clip=args.clip, clip_value=args.clip_value, seed=args.seed, max_steps=args.max_steps,
       resume=args.resume, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
       num_devices=args.num_devices, progress=not args.no_progress, dp=dp)
+  if cfg.ensemble != 1:
+    accs = ", ".join(f"{100 * a:.2f}" for a in result["member_test_acc"])
+    print(f"test accuracy: {100 * result['test_acc']:.2f}% (ensemble of {cfg.ensemble}; "
+          f"members {accs}%); written to {args.workdir / 'results.json'}")
+    return 0
   how = ("best eval_acc" if result["best_eval_acc"] >= 0 else "last epoch, no valid split")
   print(f"test accuracy: {100 * result['test_acc']:.2f}% (epoch {result['selected_epoch']}, "
         f"{how}); written to {args.workdir / 'results.json'}")
@@ -237,25 +245,32 @@ def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformati
 
 
 def make_eval_step(model: models.LSTMClassifier) -> Callable:
+  """``(params, batch) -> ((loss sum, correct, count), class probabilities [B, C])``."""
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["tokens"], batch["mask"], train=False)
-    return _weighted_loss(logits, batch["labels"], batch["weights"])
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    return _weighted_loss(logits, batch["labels"], batch["weights"]), probs
   return jax.jit(eval_step)
 
 
 def evaluate(eval_step, params, split: input_pipeline.Split, cfg: configs.ClassifyConfig,
-             mesh) -> dict[str, float]:
-  """Accuracy and loss over every example of ``split``."""
+             mesh) -> dict[str, Any]:
+  """Accuracy, loss and class probabilities ``probs`` ``[N, C]`` (in the split's order)."""
   totals = np.zeros(3)
-  pending = []
-  for idx in input_pipeline.eval_batches(split.lengths, cfg.eval_batch_size):
+  batches, pending = input_pipeline.eval_batches(split.lengths, cfg.eval_batch_size), []
+  for idx in batches:
     batch = input_pipeline.make_batch(split, idx, pad_multiple=cfg.pad_multiple,
                                       batch_size=cfg.eval_batch_size)
     pending.append(eval_step(params, common.shard_batch(batch, mesh)))
-  for out in jax.device_get(pending):
-    totals += np.asarray(out, dtype=np.float64)
+  probs = None
+  for idx, (sums, p) in zip(batches, jax.device_get(pending)):
+    totals += np.asarray(sums, dtype=np.float64)
+    if probs is None:
+      probs = np.zeros((len(split), p.shape[-1]), np.float32)
+    probs[idx] = p[:len(idx)]  # Rows past len(idx) only fill the batch.
   loss_sum, correct, count = totals
-  return {"acc": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
+  return {"acc": correct / max(count, 1), "loss": loss_sum / max(count, 1),
+          "probs": probs if probs is not None else np.zeros((0, 0), np.float32)}
 
 
 # -----------------------------------------------------------------------------------------
@@ -283,9 +298,16 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
   ``examples_per_s``. ``clip_transform`` overrides ``clip``/``clip_value`` (benchmarks).
   ``dp`` (from ``common.dp_flags_from_args``) trains with DP-SGD instead of ``clip``: the
   noise multiplier is derived over ``max_epochs`` full epochs (``max_steps`` does not
-  change it), and every record adds the epsilon spent so far.
+  change it), and every record adds the epsilon spent so far. ``cfg.ensemble > 1``
+  trains that many models and tests their mean probabilities (see ``_train_ensemble``).
   """
   workdir = pathlib.Path(workdir)
+  if cfg.ensemble != 1:
+    return _train_ensemble(
+        cfg, dataset=dataset, data_dir=data_dir, workdir=workdir, clip=clip,
+        clip_value=clip_value, seed=seed, max_steps=max_steps, resume=resume,
+        cache_dir=cache_dir, checkpoint_every=checkpoint_every, num_devices=num_devices,
+        progress=progress, clip_transform=clip_transform, dp=dp)
   workdir.mkdir(parents=True, exist_ok=True)
   t_load = time.perf_counter()
   data = input_pipeline.load_dataset(
@@ -456,5 +478,51 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
   if dp_settings is not None:
     result["dp"] = {**dataclasses.asdict(dp_settings), **dp_settings.record(step)}
   (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+  np.savez(workdir / "predictions.npz", test_probs=test["probs"], test_labels=data.test.labels)
   return {**result, "records": records, "grad_norm_trace": grad_trace,
-          "clipped_trace": clip_trace}
+          "clipped_trace": clip_trace, "test_probs": test["probs"],
+          "test_labels": data.test.labels}
+
+
+def _train_ensemble(cfg: configs.ClassifyConfig, *, workdir: pathlib.Path, seed: int,
+                    dp: common.DPFlags | None, cache_dir, **kwargs) -> dict[str, Any]:
+  """Trains ``cfg.ensemble`` models and tests the mean of their class probabilities.
+
+  Member ``k`` is an ordinary run with seed ``seed + k`` (its own initialisation, dropout
+  and batch order; the same data split and vocabulary) in ``WORKDIR/member-k``, with
+  its own checkpoints, so ``--resume`` picks up where the ensemble stopped. The ensemble
+  predicts the class with the highest mean probability: an ensemble of independently
+  trained networks (Hansen & Salamon 1990, "Neural network ensembles";
+  Lakshminarayanan et al. 2017, "Simple and scalable predictive uncertainty estimation
+  using deep ensembles"). ``results.json`` has the ensemble's ``test_acc`` and
+  ``test_loss`` (cross-entropy of the mean probabilities) and every member's accuracy.
+  """
+  members = cfg.ensemble
+  if not isinstance(members, int) or members < 1:
+    raise ValueError(f"ensemble must be an integer >= 1; got {members!r}")
+  if dp is not None:
+    raise ValueError("ensemble > 1 with --dp: every member would spend the privacy "
+                     "budget again; train one DP model instead")
+  single = dataclasses.replace(cfg, ensemble=1)
+  cache_dir = cache_dir if cache_dir is not None else workdir / "data_cache"
+  runs = []
+  for k in range(members):
+    print(f"ensemble member {k + 1}/{members} (seed {seed + k})")
+    runs.append(train_and_evaluate(single, workdir=workdir / f"member-{k}", seed=seed + k,
+                                   dp=None, cache_dir=cache_dir, **kwargs))
+  labels = runs[0]["test_labels"]
+  probs = np.mean([r["test_probs"] for r in runs], axis=0)
+  true_probs = probs[np.arange(len(labels)), labels] if len(labels) else probs[:0, 0]
+  member_accs = [r["test_acc"] for r in runs]
+  result = {"dataset": runs[0]["dataset"], "clip": runs[0]["clip"],
+            "clip_value": runs[0]["clip_value"], "seed": seed, "ensemble": members,
+            "test_acc": float(np.mean(np.argmax(probs, -1) == labels)) if len(labels) else 0.0,
+            "test_loss": float(-np.mean(np.log(np.maximum(true_probs, 1e-12))))
+            if len(labels) else 0.0,
+            "member_test_acc": member_accs,
+            "member_test_acc_mean": float(np.mean(member_accs)),
+            "member_workdirs": [f"member-{k}" for k in range(members)],
+            "config": dataclasses.asdict(cfg)}
+  (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+  np.savez(workdir / "predictions.npz", test_probs=probs, test_labels=labels)
+  return {**result, "members": runs, "test_probs": probs, "test_labels": labels}
