@@ -636,14 +636,6 @@ class SkipSpikesState(NamedTuple):
   num_clipped: jax.Array  # int32: same as num_skipped (package-wide convention).
 
 
-def _never(leaf: jax.Array) -> jax.Array:
-  """A run-time False that XLA cannot fold: one entry's bit count exceeds its width."""
-  x = jnp.real(leaf.reshape(-1)[0])
-  bits = x.dtype.itemsize * 8
-  word = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
-  return jax.lax.population_count(word) > bits
-
-
 def _ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
   """``where(skip, old, new)`` leafwise; on CPU large selects are ordered after updates.
 
@@ -653,7 +645,7 @@ def _ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
   fusion that computes the updates both read the old state, and nothing orders them.
   On CPU, in a state subtree shaped like ``updates`` (Adam's ``mu`` and ``nu``), each
   leaf of more than ``_norms._PACK_LEAF`` entries is selected on ``skip | never``,
-  ``never`` being :func:`_never` of the matching updates leaf: the write waits for
+  ``never`` being :func:`_norms.never` of the matching updates leaf: the write waits for
   the update and overwrites the old buffer in place. Every other state leaf (step
   counts, small leaves, other backends, where the copies were not measured to matter)
   is selected on ``skip`` alone. Small leaves are left out because their copies cost
@@ -665,7 +657,7 @@ def _ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
   big = [u.size > _norms._PACK_LEAF for u in leaves]
   nevers = iter(jax.lax.platform_dependent(
       [u for u, b in zip(leaves, big) if b],
-      cpu=lambda ls: [_never(u) for u in ls],
+      cpu=lambda ls: [_norms.never(u) for u in ls],
       default=lambda ls: [jnp.zeros((), jnp.bool_) for _ in ls]))
   flags = jax.tree.unflatten(treedef, [skip | next(nevers) if b else skip for b in big])
 

@@ -575,7 +575,44 @@ def scale_leaves(leaves: Sequence[Array], scales: Any) -> list:
   if not isinstance(scales, (list, tuple)):
     scales = [scales] * len(leaves)
   scales, leaves = lax.optimization_barrier((list(scales), leaves))
-  return [apply_scale(x, s) for x, s in zip(leaves, scales)]
+  return [apply_scale(x, s) for x, s in zip(leaves, computed_once(scales))]
+
+
+def never(leaf: Array) -> Array:
+  """A run-time False that XLA cannot fold: one entry's bit count exceeds its width."""
+  x = jnp.real(leaf.reshape(-1)[0])
+  bits = x.dtype.itemsize * 8
+  word = lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+  return lax.population_count(word) > bits
+
+
+def computed_once(values: Sequence[Array]) -> list:
+  """``values`` unchanged; on CPU the non-scalar ones are computed into buffers first.
+
+  XLA fuses the elementwise chain that turns norms into scales (the compares and
+  selects of :func:`clip_scale`) into every consumer. A scalar chain is hoisted out
+  of the consumer's loop, but a per-unit scale vector (AGC, ``clip_by_norm`` with
+  ``axis``) was recomputed for every entry of its leaf, in each Adam moment's kernel.
+  The outputs of a conditional are buffers, so the non-scalar values go through one
+  ``lax.cond`` whose predicate is :func:`never` (False at run time, and XLA cannot
+  fold it); its other branch, never taken, would return NaN. One conditional serves
+  every leaf: a conditional per leaf would grow the compile time. Other backends have
+  the compute to spare and would pay the conditional's host round trip: unchanged.
+  """
+  values = list(values)
+  picked = [i for i, v in enumerate(values) if jnp.size(v) > 1]
+  if not picked:
+    return values
+
+  def cpu(vs):
+    return lax.cond(never(vs[0]), lambda v: [jnp.full_like(x, jnp.nan) for x in v],
+                    lambda v: list(v), vs)
+
+  done = lax.platform_dependent([values[i] for i in picked], cpu=cpu,
+                                default=lambda vs: list(vs))
+  for i, v in zip(picked, done):
+    values[i] = v
+  return values
 
 
 def stacked_any(flags: Sequence[Array]) -> Array:

@@ -1,6 +1,7 @@
 """The numerics claims: float32 accumulation, overflow, zeros, derivatives, NaN/Inf."""
 
 import math
+import re
 
 import chex
 import jax
@@ -270,3 +271,47 @@ class AcceleratorBranchTest(chex.TestCase):
     text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
     self.assertNotIn("stablehlo.if", text)
     self.assertNotIn("stablehlo.case", text)
+
+
+def test_computed_once_passes_values_through_jit_grad_and_vmap():
+  """``_norms.computed_once`` only changes where XLA computes the scale vectors."""
+  vals = [jnp.array([0.5, 1.0, jnp.nan]), jnp.float32(0.25), jnp.ones((1, 1)),
+          jnp.array([[2.0, 3.0]])]
+  for out in (_norms.computed_once(vals), jax.jit(_norms.computed_once)(vals)):
+    for a, b in zip(out, vals):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Differentiable (the never-taken branch contributes nothing) and batchable.
+  f = lambda v: jnp.sum(_norms.computed_once([v * v])[0])
+  np.testing.assert_allclose(jax.grad(f)(jnp.array([1.0, -2.0])), [2.0, -4.0])
+  batched = jax.vmap(lambda v: _norms.computed_once([v])[0])(jnp.arange(6.0).reshape(3, 2))
+  np.testing.assert_array_equal(batched, jnp.arange(6.0).reshape(3, 2))
+  # On CPU the non-scalar values go through one conditional; scalars never do.
+  hlo = jax.jit(_norms.computed_once).lower(vals).compile().as_text()
+  assert hlo.count(" conditional(") == 1
+  scalars = jax.jit(_norms.computed_once).lower([jnp.float32(1.0), jnp.ones((1, 1))])
+  assert " conditional(" not in scalars.compile().as_text()
+
+
+def test_unit_scales_are_read_not_recomputed_in_the_adam_kernels():
+  """AGC's per-unit scale reaches Adam's moment kernels as a buffer (CPU).
+
+  The compare-and-select chain of ``clip_scale`` compares the unit norm with itself
+  (its NaN test); if XLA fused the chain into the kernels that write the moments, that
+  compare would appear inside them, once per entry of the leaf.
+  """
+  shape = (256, 64)
+  params = {"w": jnp.ones(shape)}
+  tx = optax.chain(gc.adaptive_grad_clip(0.01), optax.adam(1e-3))
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+  big = [c for c in hlo.split("\n\n") if c.startswith("%fused")
+         and f"-> f32[{shape[0]},{shape[1]}]" in c.split("\n")[0]]
+  assert big, "no fused kernel writes the leaf"
+  self_compare = re.compile(r"compare\((%[\w.\-]+), \1\), direction=NE")
+  for comp in big:
+    assert not self_compare.search(comp), comp
