@@ -26,7 +26,7 @@ Quality runs (2-core CPU)::
 
     gradclip classify --dataset imdb --data-dir ../shared/data/imdb --workdir runs/imdb
     gradclip classify --dataset mr --data-dir ../shared/data/rt-polarity --workdir runs/mr \
-        --set valid_fraction=0
+        --set valid_fraction=0 [--set ensemble=5]
     gradclip classify --dataset imdb --config imdb_dp --data-dir ../shared/data/imdb \
         --workdir runs/imdb_dp_eps8 --dp --target-epsilon 8 --delta 1e-5
 """
