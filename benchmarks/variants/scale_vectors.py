@@ -9,10 +9,12 @@ outputs are buffers: the moment kernels then read the scale vector. This times b
 in one process and interleaved rounds (``clip_overhead.time_steps``), on the 25M tree
 with adam: "old" patches ``computed_once`` to the identity while the step is traced.
 
-On this project's 2-core CPU (jax 0.10.2, tuned allocator, 11 rounds, 2026-11-27):
-f32 AGC 1.68x adam alone old, 1.46x now; ``clip_by_norm(axes=0)`` 1.47x old, 1.26x
-now. bf16 was unchanged within noise (AGC 1.64 / 1.67, clip_by_norm 1.23 / 1.25): XLA
-writes the scaled bf16 gradient once anyway, so the chain ran once per entry there.
+On this project's 2-core CPU (jax 0.10.2, tuned allocator, 11 rounds, 2026-11-27), two
+runs: f32 AGC 1.68x and 1.56x adam alone old, 1.46x and 1.46x now;
+``clip_by_norm(axes=0)`` 1.47x and 1.25x old, 1.26x and 1.22x now. bf16 was unchanged
+within noise (AGC 1.64 / 1.67 and 1.57 / 1.60, clip_by_norm 1.23 / 1.25 and 1.25 /
+1.21): XLA writes the scaled bf16 gradient once anyway, so the chain ran once per entry
+there.
 
     python benchmarks/variants/scale_vectors.py [--repeats 11]
 """
