@@ -592,7 +592,7 @@ def computed_once(values: Sequence[Array]) -> list:
   XLA fuses the elementwise chain that turns norms into scales (the compares and
   selects of :func:`clip_scale`) into every consumer. A scalar chain is hoisted out
   of the consumer's loop, but a per-unit scale vector (AGC, ``clip_by_norm`` with
-  ``axis``) was recomputed for every entry of its leaf, in each Adam moment's kernel.
+  ``axes``) was recomputed for every entry of its leaf, in each Adam moment's kernel.
   The outputs of a conditional are buffers, so the non-scalar values go through one
   ``lax.cond`` whose predicate is :func:`never` (False at run time, and XLA cannot
   fold it); its other branch, never taken, would return NaN. One conditional serves
