@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -81,26 +82,60 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
     lo = _norms.broadcast_thresholds("min_value", min_value, updates)
     hi = _norms.broadcast_thresholds("max_value", max_value, updates)
     leaves, treedef = jax.tree.flatten(updates)
-    out, hits = [], []
-    for g, a, b in zip(leaves, jax.tree.leaves(lo), jax.tree.leaves(hi)):
-      a, b = jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)
-      # Whether this leaf may have an entry outside [a, b], from its max and min. The
-      # output is selected on it: besides passing an in-range leaf through, this makes
-      # the in-place write depend on the reductions, so XLA needs no defensive copy
-      # of a donated gradient (a boolean any() and an unconditional clip cost 12x a
-      # copy on CPU, measured in benchmarks/run.py). A NaN entry makes the max and
-      # min NaN, so the in-range test fails and the leaf goes through jnp.clip: NaN
-      # stays NaN and every other entry is clipped, as in tf.clip_by_value. (Testing
-      # `max > b | min < a` instead passed such a leaf through unclipped.)
-      in_range = ((jnp.max(g, initial=-jnp.inf) <= b)
-                  & (jnp.min(g, initial=jnp.inf) >= a))
-      out.append(jnp.where(in_range, g, jnp.clip(g, a, b)))
-      hits.append(~in_range)
+    bounds = [(jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)) for g, a, b in
+              zip(leaves, jax.tree.leaves(lo), jax.tree.leaves(hi))]
+    out, hits = _value_clip(leaves, bounds)
     clipped = jax.tree.unflatten(treedef, out)
     hit = _norms.stacked_any(hits)
     return clipped, ClipByValueState(state.num_clipped + hit.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _value_clip(leaves, bounds):
+  """(clipped leaves, per-leaf hit flags), in the form that suits the backend.
+
+  Only the branch of the backend being compiled for is lowered
+  (``lax.platform_dependent``); both give the same values and flags.
+  """
+  return lax.platform_dependent(leaves, bounds, cpu=_value_clip_tested,
+                                default=_value_clip_fused)
+
+
+def _value_clip_tested(leaves, bounds):
+  """CPU form of :func:`clip_by_value`: (clipped leaves, per-leaf hit flags).
+
+  Each leaf is tested for an entry outside ``[a, b]`` from its max and min, and the
+  output is selected on that test. Besides passing an in-range leaf through, this
+  makes the in-place write depend on the reductions, so XLA:CPU needs no defensive
+  copy of a donated gradient: a boolean ``any`` and an unconditional clip cost 12x a
+  copy there (measured in ``benchmarks/run.py``). A NaN entry makes the max and min
+  NaN, so the test fails and the leaf goes through ``jnp.clip``: NaN stays NaN and
+  every other entry is clipped, as in ``tf.clip_by_value``. (Testing
+  ``max > b | min < a`` instead passed such a leaf through unclipped.)
+  """
+  out, hits = [], []
+  for g, (a, b) in zip(leaves, bounds):
+    in_range = ((jnp.max(g, initial=-jnp.inf) <= b)
+                & (jnp.min(g, initial=jnp.inf) >= a))
+    out.append(jnp.where(in_range, g, jnp.clip(g, a, b)))
+    hits.append(~in_range)
+  return out, hits
+
+
+def _value_clip_fused(leaves, bounds):
+  """GPU/TPU form of :func:`clip_by_value`: an unconditional clip, and the hit flag
+  as ``any`` of the elementwise test (NaN fails it, as in the CPU form).
+
+  XLA:GPU fuses the clip and the ``any`` into one kernel that reads the gradient
+  once and writes it in place: the traffic of a copy. The CPU form reads it twice
+  (reductions, then the selected write); and ``max``/``min`` reductions beside the
+  clip, or testing ``clip(g) != g``, made XLA:GPU add a defensive copy (compiled for
+  an H100 without a device, ``benchmarks/variants/gpu_traffic.py``).
+  """
+  out = [jnp.clip(g, a, b) for g, (a, b) in zip(leaves, bounds)]
+  hits = [jnp.any(~((g >= a) & (g <= b))) for g, (a, b) in zip(leaves, bounds)]
+  return out, hits
 
 
 # ---------------------------------------------------- clip_by_norm / average_norm

@@ -210,6 +210,24 @@ def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
   return jnp.sum(_power_f32(x, p), axis=axes, keepdims=keepdims)
 
 
+def _two_sums(x: Array, p: float, axes=None, keepdims=False) -> tuple:
+  """``(sum |x|^p, sum |x * 2^-64|^p)`` in float32, as one reduction.
+
+  The plain sum and the overflow-free scaled one (see :func:`overflow_guarded`) are
+  the real and imaginary parts of one complex64 sum, which adds them componentwise:
+  the same float32 sums, in one reduction that reads ``x`` once. Two separate
+  reductions of ``x`` are at XLA:GPU's mercy: for some column reductions (unit
+  norms over axis 0 of a ``[3072, 1024]`` or ``[4096, 1024]`` leaf) it wrote the
+  scaled squares to memory from the first reduction's kernel and read them back in a
+  second, a full extra write and read of the leaf in float32. With the complex sum,
+  AGC's compiled H100 program moves the least traffic its formula allows
+  (``benchmarks/gpu_traffic.py``).
+  """
+  z = jnp.sum(lax.complex(_power_f32(x, p), _power_f32(_abs_f32(x) * _RESCUE_DOWN, p)),
+              axis=axes, keepdims=keepdims)
+  return jnp.real(z), jnp.imag(z)
+
+
 def stacked_sum(scalars: Sequence[Array]) -> Array:
   """Sum of float32 scalars as one reduction (see :func:`tree_max_abs`)."""
   return jnp.sum(jnp.stack(list(scalars))) if scalars else jnp.zeros((), jnp.float32)
@@ -347,8 +365,9 @@ def _global_branches(p, axis_name):
     return lax.cond(jnp.isposinf(s), rescue, plain, leaves, s)
 
   def fused(leaves):
-    s = stacked_sum([_power_sum(x, p) for x in leaves])
-    t = stacked_sum([_power_sum(_abs_f32(x) * _RESCUE_DOWN, p) for x in leaves])
+    pairs = [_two_sums(x, p) for x in leaves]
+    s = stacked_sum([s for s, _ in pairs])
+    t = stacked_sum([t for _, t in pairs])
     s, t = _psum(jnp.stack([s, t]), axis_name)
     return jnp.where(jnp.isposinf(s), _RESCUE_UP * safe_root(t, p), safe_root(s, p))
 
@@ -474,12 +493,14 @@ class LeafGroups:
   def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
     """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``.
 
-    Known cost: XLA fuses each leaf's slice of its group's scales into that leaf's
-    multiply (and into the optimizer update after it), so the slice index makes every
-    leaf's kernel unique, and XLA:CPU compiles unique kernels one by one (~8 ms each).
-    Slicing after the barrier instead gave the same HLO kernels.
+    The group scales pass the barrier whole and are sliced after it, where XLA:GPU
+    fuses each leaf's slice into that leaf's multiply. Sliced before the barrier,
+    every slice was a kernel of its own on the GPU (1,000 leaves: 1,000 more
+    launches, ``benchmarks/gpu_traffic.py``); XLA:CPU compiles the same kernels
+    either way. Known cost on CPU: the slice index makes every leaf's kernel unique,
+    and XLA:CPU compiles unique kernels one by one (~8 ms each).
     """
-    return scale_leaves(leaves, self.unstack(scales))
+    return scale_leaves(leaves, scales, split=self.unstack)
 
 
 def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
@@ -515,7 +536,8 @@ def _leaf_branches(axes):
     return lax.cond(overflow, rescue, plain, leaves, sums)
 
   def fused(leaves):
-    return select(sums_of(leaves), scaled_sums_of(leaves))
+    pairs = [_two_sums(x, 2.0, a, keepdims=True) for x, a in zip(leaves, axes)]
+    return select([s for s, _ in pairs], [t for _, t in pairs])
 
   def rescue(leaves, sums):
     return select(sums, scaled_sums_of(leaves))
@@ -559,8 +581,11 @@ def apply_scale(x: Array, scale: Array) -> Array:
   return jnp.where(scale != 1, (x.astype(wide) * scale).astype(x.dtype), x)
 
 
-def scale_leaves(leaves: Sequence[Array], scales: Any) -> list:
+def scale_leaves(leaves: Sequence[Array], scales: Any, split=None) -> list:
   """``[apply_scale(x, s) ...]`` for one scale per leaf (or one ``scales`` for all).
+
+  ``split``, if given, turns ``scales`` into the per-leaf scales after the barrier
+  (:meth:`LeafGroups.scale`).
 
   The scales and the leaves pass through one ``lax.optimization_barrier`` first, so
   the multiply cannot be fused with the reductions that produced the scales. XLA's
@@ -575,6 +600,8 @@ def scale_leaves(leaves: Sequence[Array], scales: Any) -> list:
   if not isinstance(scales, (list, tuple)):
     scales = [scales] * len(leaves)
   scales, leaves = lax.optimization_barrier((list(scales), leaves))
+  if split is not None:
+    scales = split(scales)
   return [apply_scale(x, s) for x, s in zip(leaves, computed_once(scales))]
 
 

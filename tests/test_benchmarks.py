@@ -73,3 +73,19 @@ def test_the_copy_limit_is_not_folded_away_in_bfloat16():
   f = lambda g, t: run._copy_tx(t).update(g, optax.EmptyState())[0]
   text = jax.jit(f).lower(g, jnp.bfloat16(1.0)).compile().as_text()
   assert "multiply" in text
+
+
+def test_gpu_traffic_counts_each_kernels_operands_and_results():
+  # The counting works on any compiled module; a CPU one stands in for the GPU's here.
+  gpu_traffic = pytest.importorskip("gpu_traffic")
+  x = jnp.ones((1000,), jnp.float32)
+  clip = jax.jit(lambda g: jnp.clip(g, -0.5, 0.5), donate_argnums=0)
+  rows = gpu_traffic.kernels(clip.lower(x).compile().as_text())
+  assert len(rows) == 1 and rows[0][2:] == (4000, 4000), rows
+  # A norm and a scale: two reads of the leaf and one write, besides small scalars.
+  f = jax.jit(lambda g: g * (1.0 / jnp.sqrt(jnp.sum(g * g))))
+  s = gpu_traffic.summary(f.lower(jnp.ones((4096, 256), jnp.float32)).compile())
+  leaf = 4096 * 256 * 4
+  assert 2 * leaf <= s["read_mb"] * 1e6 < 2 * leaf + 64, s
+  assert leaf <= s["write_mb"] * 1e6 < leaf + 64, s
+  assert gpu_traffic.shape_bytes("(f32[], bf16[1024,64]{1,0}, pred[3])") == 4 + 131072 + 3

@@ -192,6 +192,29 @@ class ClipByValueTest(chex.TestCase):
     np.testing.assert_array_equal(out["b"], [-2.0, 3.0])
 
 
+class ClipByValueAcceleratorFormTest(ClipByValueTest):
+  """The same tests with the GPU/TPU form of the clip (``_value_clip_fused``) forced."""
+
+  def setUp(self):
+    super().setUp()
+    self._saved = gc._clipping._value_clip
+    gc._clipping._value_clip = gc._clipping._value_clip_fused
+    jax.clear_caches()
+
+  def tearDown(self):
+    gc._clipping._value_clip = self._saved
+    jax.clear_caches()
+    super().tearDown()
+
+  def test_the_form_is_forced(self):
+    # Guards the test above against a rename: the fused form clips unconditionally.
+    self.assertIs(gc._clipping._value_clip, gc._clipping._value_clip_fused)
+    out, hits = gc._clipping._value_clip([jnp.array([0.5, jnp.inf, -jnp.inf])],
+                                         [(jnp.float32(-1.0), jnp.float32(1.0))])
+    np.testing.assert_array_equal(out[0], [0.5, 1.0, -1.0])
+    self.assertTrue(bool(hits[0]))
+
+
 # ------------------------------------------------------------------------ bad input
 
 

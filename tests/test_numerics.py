@@ -265,6 +265,24 @@ class AcceleratorBranchTest(chex.TestCase):
     dn = jax.grad(lambda t: _norms.leaf_norms(t, [None])[0].sum())([jnp.zeros(3)])
     self.assertTrue(np.isfinite(np.asarray(dn[0])).all())
 
+  def test_unit_norms_rescue_overflow_and_match_the_cpu_form(self):
+    # The per-unit norms (AGC, clip_by_norm with axes): the plain and the rescue sums
+    # come from one complex sum here (_norms._two_sums), and must give the CPU form's
+    # values and derivatives.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    big = x * np.float32(1e30)
+    for leaf, axes in ((x, (0,)), (x, (1,)), (big, (0,)), (x, None)):
+      want = np.linalg.norm(leaf.astype(np.float64), axis=axes, keepdims=True)
+      got = _norms.leaf_norms([jnp.asarray(leaf)], [axes])[0]
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    f = lambda t: jnp.sum(_norms.leaf_norms([t], [(0,)])[0] * jnp.arange(1.0, 6.0))
+    fused_grad = jax.grad(f)(jnp.asarray(x))
+    _norms.overflow_guarded = self._saved
+    jax.clear_caches()
+    np.testing.assert_allclose(np.asarray(fused_grad), np.asarray(jax.grad(f)(jnp.asarray(x))),
+                               rtol=1e-6)
+
   def test_no_cond_in_the_lowered_step(self):
     tx = gc.clip_by_global_norm(1.0)
     g = {"a": jnp.ones((4, 4)), "b": jnp.ones(3)}
