@@ -131,7 +131,7 @@ def _value_clip_fused(leaves, bounds):
   once and writes it in place: the traffic of a copy. The CPU form reads it twice
   (reductions, then the selected write); and ``max``/``min`` reductions beside the
   clip, or testing ``clip(g) != g``, made XLA:GPU add a defensive copy (compiled for
-  an H100 without a device, ``benchmarks/variants/gpu_traffic.py``).
+  an H100 without a device, ``benchmarks/gpu_traffic.py``).
   """
   out = [jnp.clip(g, a, b) for g, (a, b) in zip(leaves, bounds)]
   hits = [jnp.any(~((g >= a) & (g <= b))) for g, (a, b) in zip(leaves, bounds)]
