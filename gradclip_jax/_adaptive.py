@@ -163,6 +163,20 @@ def unitwise_axes(ndim: int, axis: Any = None) -> Optional[tuple[int, ...]]:
   return tuple(sorted(set(out)))
 
 
+def _weights_apart(w_leaves) -> list:
+  """The weights, through an optimization barrier, for AGC's weight norms.
+
+  In a training step the weights are also read by the parameter update. XLA:CPU
+  upcasts a bfloat16 update to float32, and common-subexpression elimination gave
+  the norm's reduction and the update one shared ``convert`` of every weight, which
+  XLA:CPU then wrote to memory as a float32 copy (100 MB for the 25M tree, written
+  and read back every step; counted with ``benchmarks/gpu_traffic.kernels`` on the
+  CPU's compiled step). Behind the barrier the norm has its own values and fuses
+  its conversion into the reduction.
+  """
+  return list(jax.lax.optimization_barrier([jnp.asarray(w) for w in w_leaves]))
+
+
 def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
                        axis: Any = None) -> optax.GradientTransformation:
   r"""Unit-wise Adaptive Gradient Clipping (AGC) of NFNets.
@@ -251,7 +265,7 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
     groups = _norms.LeafGroups(g_leaves, axes)
     g_norms = groups.norms(groups.stack(g_leaves))
     w_norms = [jnp.maximum(w_norm, floor) for w_norm in
-               groups.norms(groups.stack([jnp.asarray(w) for w in w_leaves]))]
+               groups.norms(groups.stack(_weights_apart(w_leaves)))]
     scales = [_norms.clip_scale(g_norm, clip * w_norm)
               for g_norm, w_norm in zip(g_norms, w_norms)]
     out = groups.scale(g_leaves, scales)
