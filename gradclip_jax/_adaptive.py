@@ -687,20 +687,20 @@ def _ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
                       is_leaf=lambda x: jax.tree.structure(x) == treedef)
 
 
-def _unshared(updates: Any, count: jax.Array) -> Any:
-  """float32 leaves times a run-time 1 that XLA cannot fold; other leaves as given.
+def _norm_apart(updates: Any) -> jax.Array:
+  """The global norm of ``updates``, read through an optimization barrier.
 
-  ``inner`` sees these instead of the gradient itself. Otherwise XLA:CPU merges the
-  squares of the spike norm with Adam's identical ``g * g`` (common subexpression
-  elimination) and writes that shared square to memory between them: an extra pass,
-  1.87x against 1.60x adam alone on the 25M float32 tree of
-  ``benchmarks/clip_overhead.py``. ``x * 1`` is exact, NaN and infinities included.
-  With bfloat16 leaves the same product made the step slower (1.79x against 1.63x on
-  one A/B), so they pass unchanged. Applied on every backend; on a GPU it is one
-  multiply inside Adam's fused loops (not measured there).
+  ``inner`` reads the same gradients. Without the barrier XLA:CPU merged the norm's
+  conversions and squares with Adam's identical ones (common-subexpression
+  elimination) and wrote them to memory between the two: for float32 leaves the
+  shared ``g * g`` (1.87x against 1.60x adam alone on the 25M tree of
+  ``benchmarks/clip_overhead.py``), for bfloat16 leaves a float32 copy of every
+  gradient (1.60x against 1.38-1.41x, ``benchmarks/variants/skip_norm_barrier.py``).
+  Behind the barrier the norm has its own values, and its reduction converts and
+  squares on its own.
   """
-  one = jnp.where(count < 0, 0.5, 1.0).astype(jnp.float32)
-  return jax.tree.map(lambda x: x * one if x.dtype == jnp.float32 else x, updates)
+  leaves = list(jax.lax.optimization_barrier(_norms.leaves_of(updates)))
+  return _norms.tree_norm(leaves)
 
 
 def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
@@ -765,7 +765,7 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
 
   def update_fn(updates, state, params=None, **extra_args):
     _norms.check_gradient_tree(updates)
-    norm = _norms.tree_norm(_norms.leaves_of(updates))
+    norm = _norm_apart(updates)
     finite = jnp.isfinite(norm)
     sigma = jnp.sqrt(jnp.maximum(state.var, 0.0))
     bound = jnp.where(state.count >= jnp.asarray(min_count, jnp.int32),
@@ -773,8 +773,8 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
                       jnp.inf)
     skip = ~finite | (norm > bound)
 
-    new_updates, new_inner = inner.update(_unshared(updates, state.count),
-                                          state.inner_state, params, **extra_args)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
     new_updates = jax.tree.map(
         lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
     inner_state = _ordered_select(skip, state.inner_state, new_inner, new_updates)

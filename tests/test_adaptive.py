@@ -668,17 +668,22 @@ def test_skip_spikes_step_does_not_copy_the_inner_state():
   assert not [c for c in copies if "[512,256]" in c or "[300,300]" in c], copies
 
 
-def test_agc_step_writes_no_float32_copy_of_bf16_weights():
-  """XLA:CPU used to write a float32 copy of every bfloat16 weight in AGC + optimizer
-  steps (the weight norm and the update shared one ``convert``); see
-  ``_adaptive._weights_apart``. No kernel of the step may write that many bytes."""
+@pytest.mark.parametrize("name", ["adaptive_grad_clip", "skip_spikes"])
+def test_step_writes_no_float32_copy_of_bf16_leaves(name):
+  """XLA:CPU used to write a float32 copy of every bfloat16 leaf in these steps: the
+  rule's norms and the optimizer shared one ``convert`` of the weights (AGC) or of the
+  gradients (skip_spikes); see ``_adaptive._weights_apart`` and ``_norm_apart``. No
+  kernel of the step may write that many bytes."""
   if jax.default_backend() != "cpu":
     pytest.skip("an XLA:CPU fusion decision")
   import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
   gpu_traffic = pytest.importorskip("gpu_traffic")
   params = {"w": jnp.zeros((512, 256), jnp.bfloat16)}
-  tx = optax.chain(gradclip_jax.adaptive_grad_clip(0.01), optax.sgd(1e-3))
+  if name == "adaptive_grad_clip":
+    tx = optax.chain(gradclip_jax.adaptive_grad_clip(0.01), optax.sgd(1e-3))
+  else:
+    tx = gradclip_jax.skip_spikes(optax.adam(1e-3))
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
