@@ -644,6 +644,16 @@ def test_states_can_be_donated():
     step(params, state, params)  # raises if a buffer is donated twice
 
 
+def _donated_step_hlo(tx, params):
+  """The compiled HLO text of ``p, s = step(p, s, g)`` with params and state donated."""
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+
+
 def test_skip_spikes_step_does_not_copy_the_inner_state():
   """A donated skip_spikes(adam) step overwrites Adam's moments in place on CPU.
 
@@ -656,13 +666,7 @@ def test_skip_spikes_step_does_not_copy_the_inner_state():
   params = {"w": jnp.ones((512, 256)), "v": jnp.ones((300, 300), jnp.bfloat16),
             "b": jnp.ones((32,))}  # small leaves keep the plain select (copies)
   tx = gradclip_jax.skip_spikes(optax.adam(1e-3))
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), params).compile().as_text()
+  hlo = _donated_step_hlo(tx, params)
   entry = hlo[hlo.index("ENTRY"):]
   copies = [line.strip() for line in entry.splitlines() if " copy(" in line]
   assert not [c for c in copies if "[512,256]" in c or "[300,300]" in c], copies
@@ -684,13 +688,7 @@ def test_step_writes_no_float32_copy_of_bf16_leaves(name):
     tx = optax.chain(gradclip_jax.adaptive_grad_clip(0.01), optax.sgd(1e-3))
   else:
     tx = gradclip_jax.skip_spikes(optax.adam(1e-3))
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), params).compile().as_text()
+  hlo = _donated_step_hlo(tx, params)
   rows = gpu_traffic.kernels(hlo)
   assert rows, "no kernels found in the compiled step"
   f32_copy = 512 * 256 * 4

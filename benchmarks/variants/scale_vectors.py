@@ -18,50 +18,24 @@ there.
 
     python benchmarks/variants/scale_vectors.py [--repeats 11]
 """
-import argparse
-import os
-import sys
-
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import clip_overhead  # noqa: E402  (benchmarks/clip_overhead.py)
-import gradclip_jax  # noqa: E402
-from gradclip_jax import _norms  # noqa: E402
-
-
-def old_style(make_clip):
-  """The clip with ``computed_once`` as the identity while its update is traced."""
-  def make():
-    tx = make_clip()
-    def update(updates, state, params=None):
-      saved = _norms.computed_once
-      _norms.computed_once = list
-      try:
-        return tx.update(updates, state, params)
-      finally:
-        _norms.computed_once = saved
-    return optax.GradientTransformation(tx.init, update)
-  return make
+import _ab  # benchmarks/variants/_ab.py
+import gradclip_jax
+from gradclip_jax import _norms
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=11)
-  args = parser.parse_args()
   adam = lambda: optax.adam(1e-3)
   rules = {"adaptive_grad_clip": lambda: gradclip_jax.adaptive_grad_clip(0.01),
            "clip_by_norm(axes=0)": lambda: gradclip_jax.clip_by_norm(1.0, axes=0)}
   txs = {"adam alone": adam}
   for name, make in rules.items():
-    txs[f"{name} old"] = lambda m=make: optax.chain(old_style(m)(), adam())
+    old = _ab.traced_with(make, _norms, "computed_once", list)
+    txs[f"{name} old"] = lambda o=old: optax.chain(o(), adam())
     txs[f"{name} now"] = lambda m=make: optax.chain(m(), adam())
-  for dtype in (jnp.float32, jnp.bfloat16):
-    result = clip_overhead.time_steps(txs, "25M", dtype, args.repeats)
-    for name, (seconds, ratio, _) in result.items():
-      print(f"{jnp.dtype(dtype).name:8s} {name:28s} {seconds * 1e3:8.2f} ms  {ratio:.3f}x",
-            flush=True)
+  _ab.run(__doc__.splitlines()[0], txs)
 
 
 if __name__ == "__main__":

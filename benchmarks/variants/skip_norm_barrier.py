@@ -16,48 +16,22 @@ the 25M tree: adam alone, ``skip_spikes(adam)`` with no barrier, and as it is no
     MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 \\
         python benchmarks/variants/skip_norm_barrier.py [--repeats 11]
 """
-import argparse
-import os
-import sys
-
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import clip_overhead  # noqa: E402  (benchmarks/clip_overhead.py)
-import gradclip_jax  # noqa: E402
-from gradclip_jax import _adaptive, _norms  # noqa: E402
-
-
-def no_barrier(make_tx):
-  """The optimizer with ``_norm_apart`` reading the gradients directly while traced."""
-  def make():
-    tx = make_tx()
-
-    def update(updates, state, params=None, **extra_args):
-      saved = _adaptive._norm_apart  # pylint: disable=protected-access
-      _adaptive._norm_apart = lambda u: _norms.tree_norm(_norms.leaves_of(u))
-      try:
-        return tx.update(updates, state, params, **extra_args)
-      finally:
-        _adaptive._norm_apart = saved
-    return optax.GradientTransformationExtraArgs(tx.init, update)
-  return make
+import _ab  # benchmarks/variants/_ab.py
+import gradclip_jax
+from gradclip_jax import _adaptive, _norms
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=11)
-  args = parser.parse_args()
   adam = lambda: optax.adam(1e-3)
   skip = lambda: gradclip_jax.skip_spikes(adam())
-  txs = {"adam alone": adam, "skip_spikes(adam) no barrier": no_barrier(skip),
+  no_barrier = _ab.traced_with(skip, _adaptive, "_norm_apart",
+                               lambda u: _norms.tree_norm(_norms.leaves_of(u)))
+  txs = {"adam alone": adam, "skip_spikes(adam) no barrier": no_barrier,
          "skip_spikes(adam) now": skip}
-  for dtype in (jnp.bfloat16, jnp.float32):
-    result = clip_overhead.time_steps(txs, "25M", dtype, args.repeats)
-    for name, (seconds, ratio, _) in result.items():
-      print(f"{jnp.dtype(dtype).name:8s} {name:30s} {seconds * 1e3:8.2f} ms  {ratio:.3f}x",
-            flush=True)
+  _ab.run(__doc__.splitlines()[0], txs, dtypes=(jnp.bfloat16, jnp.float32))
 
 
 if __name__ == "__main__":
