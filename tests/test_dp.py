@@ -127,6 +127,58 @@ class PerExampleClipTest(chex.TestCase):
       gradclip_jax.per_example_clip(float("nan"))
 
 
+  def test_per_layer_pytree_thresholds(self):
+    g = per_ex_tree()
+    g["w"] = g["w"].at[2, 1, 1].set(jnp.nan)  # example 2 is dropped from every leaf
+    c = {"w": 1.5, "b": 0.25}
+    tx = gradclip_jax.per_example_clip(c, per_layer=True)
+    out, st = jax.jit(tx.update)(g, tx.init(None))
+    keep = np.arange(5) != 2
+    for k in ("w", "b"):
+      x = np.asarray(g[k], np.float64)[keep]
+      n = np.sqrt((x.reshape(4, -1) ** 2).sum(1))
+      ref = (x * np.minimum(1, c[k] / n).reshape((-1,) + (1,) * (x.ndim - 1))).sum(0)
+      np.testing.assert_allclose(out[k], ref, rtol=1e-5, atol=1e-6)
+    self.assertEqual(int(st.num_nonfinite), 1)
+    # every finite example has some leaf over its threshold here
+    nb = np.sqrt((np.asarray(g["b"]) ** 2).sum(1))
+    self.assertAlmostEqual(float(st.fraction_clipped), np.mean(keep & (nb > 0.25)))
+    with pytest.raises(ValueError, match="structure"):
+      tx.update({"w": g["w"]}, tx.init(None))
+    with pytest.raises(TypeError, match="per_layer"):
+      gradclip_jax.per_example_clip(c)
+
+  def test_float64_under_x64(self):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(0)
+      x = rng.normal(size=(6, 3, 4)) * np.array([1e-3, 1.0, 1e3, 1, 1, 1])[:, None, None]
+      g = {"w": jnp.asarray(x, jnp.float64), "s": jnp.asarray(x[:, 0, 0], jnp.float64)}
+      for per_layer in (False, True):
+        tx = gradclip_jax.per_example_clip(0.7, per_layer=per_layer)
+        out, _ = tx.update(g, tx.init(None))
+        self.assertEqual(out["w"].dtype, jnp.float64)
+        if not per_layer:
+          ref, _ = np_clip_sum(g, 0.7)
+          for a, r in zip(jax.tree.leaves(out), ref):
+            np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-14)
+        else:
+          for k in ("s", "w"):
+            ref, _ = np_clip_sum([g[k]], 0.7 / math.sqrt(2))
+            np.testing.assert_allclose(out[k], ref[0], rtol=1e-12, atol=1e-14)
+      noise = gradclip_jax.add_noise(1.0, 1.0, 0)
+      noisy, _ = noise.update(g, noise.init(g))
+      self.assertEqual(noisy["w"].dtype, jnp.float64)
+
+  def test_norm_overflow_is_clipped_not_dropped(self):
+    # each entry is finite but the squared norm overflows float32: still clipped.
+    g = {"a": jnp.full((2, 4), 3e19, jnp.float32), "b": jnp.ones((2, 3), jnp.float32)}
+    tx = gradclip_jax.per_example_clip(1.0)
+    out, st = tx.update(g, tx.init(None))
+    self.assertEqual(int(st.num_nonfinite), 0)
+    np.testing.assert_allclose(out["a"], np.full(4, 2 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(out["b"], np.zeros(3), atol=1e-6)
+
+
 class NoiseTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -154,11 +206,45 @@ class NoiseTest(chex.TestCase):
       np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
     self.assertGreater(float(optax.tree_utils.tree_get(st, "mean_example_norm")), 0)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_per_layer_thresholds_sensitivity(self):
+    # Per-leaf thresholds 3 and 4: the noise std is sigma * sqrt(3^2 + 4^2) = 2 * 5.
+    c = {"a": 3.0, "b": 4.0}
+    g = {"a": jnp.zeros((4, 300, 100)), "b": jnp.zeros((4, 100))}
+    tx = gradclip_jax.dp_aggregate(c, 2.0, seed=1, per_layer=True)
+    out, _ = self.variant(tx.update)(g, tx.init(None))
+    z = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])
+    self.assertAlmostEqual(float(np.mean(z)), 0.0, delta=0.25)  # 4 standard errors
+    # sample std of 30,100 normals: standard error 10 / sqrt(2 * 30100) ~ 0.04
+    self.assertAlmostEqual(float(np.std(z)), 10.0, delta=0.16)  # 4 standard errors
+    # the same key and the scalar sensitivity 5 give the same draw
+    g0 = jax.tree.map(lambda x: x[0], g)
+    tx1 = gradclip_jax.add_noise(2.0, 5.0, seed=1)
+    ref, _ = tx1.update(g0, tx1.init(None))
+    tx2 = gradclip_jax.add_noise(2.0, c, seed=1)
+    out2, _ = tx2.update(g0, tx2.init(None))
+    np.testing.assert_allclose(out2["a"], ref["a"], rtol=1e-6)
+    with pytest.raises(ValueError, match="structure"):
+      tx2.update({"a": g["a"][0]}, tx2.init(None))
+
   def test_bad_noise(self):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="negative"):
       gradclip_jax.add_noise(-1.0, 1.0, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="finite"):
       gradclip_jax.add_noise(1.0, math.inf, 0)
+    with pytest.raises(ValueError, match="finite"):
+      gradclip_jax.add_noise(1.0, {"a": 1.0, "b": math.inf}, 0)
+    with pytest.raises(TypeError, match="noise_multiplier"):
+      gradclip_jax.add_noise({"a": 1.0}, 1.0, 0)
+    with pytest.raises(TypeError, match="seed"):
+      gradclip_jax.add_noise(1.0, 1.0, 0.5)
+    with pytest.raises(TypeError, match="number"):
+      gradclip_jax.add_noise(1.0, "1", 0)
+    with pytest.raises(TypeError, match="per_layer"):
+      gradclip_jax.per_example_clip(1.0, per_layer="yes")
+    tx = gradclip_jax.add_noise(1.0, 1.0, 0)
+    with pytest.raises(TypeError, match="dtype"):
+      tx.update({"a": jnp.ones(3, jnp.int32)}, tx.init(None))
 
 
 # -------------------------------------------------------------- models for ghost
