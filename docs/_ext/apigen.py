@@ -1,0 +1,132 @@
+"""Writes the API reference pages from the ``__all__`` lists of the public modules.
+
+At ``config-inited`` (before the sources are listed and autosummary runs) this writes ``docs/api/<module>.rst``
+for each module in :data:`MODULES`: one ``autosummary`` table per group of names
+(grouped by the private module that defines them), each name with its own page
+generated from its docstring. A name added to a module's ``__all__`` therefore
+gets its page without editing the docs; ``tests/test_docs.py`` checks the pages
+list every public name. The generated files are git-ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+import types
+
+# (module, title, one-line description); a module that does not exist is skipped.
+MODULES = [
+    ("gradclip_jax", "gradclip_jax",
+     "The clipping rules, each an ``optax.GradientTransformation``, and their states."),
+    ("gradclip_jax.functional", "gradclip_jax.functional",
+     "Pure functions on a gradient tree (no state), the building blocks of the rules."),
+    ("gradclip_jax.dp", "gradclip_jax.dp",
+     "Differential privacy: per-example clipping, Gaussian noise, ghost norms."),
+    ("gradclip_jax.dp.accounting", "gradclip_jax.dp.accounting",
+     "Privacy accounting (RDP) over Google's ``dp-accounting`` package."),
+    ("gradclip_jax.config", "gradclip_jax.config",
+     "Library-wide switches."),
+]
+
+# Titles of the groups, by the module that defines a name (first prefix match wins).
+GROUPS = [
+    ("gradclip_jax._clipping", "Clipping rules"),
+    ("gradclip_jax._adaptive", "Adaptive rules"),
+    ("gradclip_jax.dp", "Differential privacy"),
+    ("gradclip_jax.functional", "Functions"),
+    ("gradclip_jax.config", "Configuration"),
+]
+
+API_DIR = "api"
+STUB_DIR = "_autosummary"
+
+
+def public_names(module: types.ModuleType) -> list[str]:
+  """The module's ``__all__``, or (without one) its public functions and classes."""
+  names = getattr(module, "__all__", None)
+  if names is None:
+    names = [n for n, v in vars(module).items()
+             if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+             and getattr(v, "__module__", None) == module.__name__]
+  return list(names)
+
+
+def _group(obj) -> str:
+  where = getattr(obj, "__module__", "") or ""
+  for prefix, title in GROUPS:
+    if where == prefix or where.startswith(prefix + "."):
+      return title
+  return "Other"
+
+
+def module_page(modname: str, title: str, blurb: str) -> str | None:
+  """reST text of one module's API page, or None when the module cannot be imported."""
+  try:
+    module = importlib.import_module(modname)
+  except ImportError:
+    return None
+  names = public_names(module)
+  submodules = [n for n in names if isinstance(getattr(module, n, None), types.ModuleType)]
+  groups: dict[str, list[tuple[str, str]]] = {}
+  for name in names:
+    if name in submodules:
+      continue
+    obj = getattr(module, name)
+    kind = "Classes" if inspect.isclass(obj) else "Functions"
+    groups.setdefault(_group(obj), []).append((kind, name))
+  lines = [title, "=" * len(title), "", f".. automodule:: {modname}",
+           "   :no-members:", "", blurb, "", f".. currentmodule:: {modname}", ""]
+  for group, entries in groups.items():
+    if len(groups) > 1:
+      lines += [group, "-" * len(group), ""]
+    # Functions (the rules) first, then their state classes.
+    for kind in ("Functions", "Classes"):
+      members = [n for k, n in entries if k == kind]
+      if not members:
+        continue
+      lines += [".. autosummary::", f"   :toctree: {STUB_DIR}", "   :nosignatures:", ""]
+      lines += [f"   {n}" for n in members]
+      lines += [""]
+  if submodules:
+    lines += ["Submodules", "-" * len("Submodules"), ""]
+    lines += [f"- :doc:`{modname}.{n}`" for n in submodules]
+    lines += [""]
+  return "\n".join(lines)
+
+
+def write_pages(docs_dir: pathlib.Path) -> list[str]:
+  """Writes docs/api/<module>.rst and docs/api/index.rst; returns the module names."""
+  out = docs_dir / API_DIR
+  out.mkdir(exist_ok=True)
+  written = []
+  for modname, title, blurb in MODULES:
+    text = module_page(modname, title, blurb)
+    target = out / f"{modname}.rst"
+    if text is None:
+      if target.exists():
+        target.unlink()
+      continue
+    if not target.exists() or target.read_text() != text:
+      target.write_text(text)
+    written.append(modname)
+  index = ["API reference", "=============", "",
+           "One page per public name, generated from its docstring: the formula, the",
+           "arguments, the state fields, the errors raised and an example.", "",
+           ".. toctree::", "   :maxdepth: 2", ""]
+  index += [f"   {m}" for m in written] + [""]
+  text = "\n".join(index)
+  target = out / "index.rst"
+  if not target.exists() or target.read_text() != text:
+    target.write_text(text)
+  return written
+
+
+def _on_config_inited(app, _config) -> None:
+  write_pages(pathlib.Path(app.srcdir))
+
+
+def setup(app):
+  # Before the sources are listed and autosummary generates its stubs from them.
+  app.connect("config-inited", _on_config_inited)
+  return {"parallel_read_safe": True, "parallel_write_safe": True}
