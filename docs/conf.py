@@ -14,7 +14,10 @@ lists of the public modules by ``docs/_ext/apigen.py``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
 import pathlib
 import shutil
 import sys
@@ -103,5 +106,39 @@ html_theme_options = {
 }
 
 
+_FIELD_DOC = re.compile(r"^Alias for field number \d+$")
+
+
+def _field_comments(cls) -> dict[str, str]:
+  """``{field: comment}`` from the class source lines ``field: type  # comment``."""
+  try:
+    source = inspect.getsource(cls)
+  except (OSError, TypeError):
+    return {}
+  found = {}
+  for line in source.splitlines():
+    m = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+    if m:
+      found[m.group(1)] = m.group(2).strip()
+  return found
+
+
+def _namedtuple_field_docs(app, what, name, obj, options, lines):
+  """Replaces a NamedTuple field's "Alias for field number N" by its source comment."""
+  del app, obj, options
+  if what not in ("attribute", "property") or len(lines) != 1 or not _FIELD_DOC.match(
+      lines[0]):
+    return
+  modname, _, rest = name.rpartition(".")
+  clsname = modname.rpartition(".")[2]
+  try:
+    cls = getattr(importlib.import_module(modname.rpartition(".")[0]), clsname)
+  except (ImportError, AttributeError):
+    return
+  comment = _field_comments(cls).get(rest)
+  lines[:] = [comment] if comment else []
+
+
 def setup(app):
+  app.connect("autodoc-process-docstring", _namedtuple_field_docs)
   app.connect("config-inited", _copy_notebooks)

@@ -61,10 +61,12 @@ def _group(obj) -> str:
 
 
 def module_page(modname: str, title: str, blurb: str) -> str | None:
-  """reST text of one module's API page, or None when the module cannot be imported."""
+  """reST text of one module's API page, or None when the module does not exist."""
   try:
     module = importlib.import_module(modname)
-  except ImportError:
+  except ModuleNotFoundError as e:
+    if e.name != modname:  # a broken import inside the package is an error
+      raise
     return None
   names = public_names(module)
   submodules = [n for n in names if isinstance(getattr(module, n, None), types.ModuleType)]

@@ -1,0 +1,144 @@
+"""The documentation's sources, checked without building the site.
+
+* Every public name (the ``__all__`` of each module the API reference covers) is listed
+  in an ``autosummary`` table of that module's generated API page, so it gets its own
+  page (``docs/_ext/apigen.py`` writes those pages from ``__all__`` at build time).
+* Every page under ``docs/`` is reachable from a toctree, and every guide is a MyST-NB
+  text notebook (so its code cells are executed by the build).
+* Relative links in ``README.md`` and ``docs/**/*.md`` point to files that exist
+  (a removed result file must not stay linked).
+
+The full build (``python -m sphinx -W -b html docs docs/_build/html``) is run by
+``.ci/run``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(DOCS / "_ext"))
+
+import apigen  # noqa: E402  pylint: disable=wrong-import-position
+
+FRONT_MATTER = "---\nfile_format: mystnb\nkernelspec:\n  name: python3\n---\n"
+
+
+def _autosummary_entries(rst: str) -> list[str]:
+  """Names listed in the ``.. autosummary::`` blocks of an reST text."""
+  names, inside = [], False
+  for line in rst.splitlines():
+    if line.startswith(".. autosummary::"):
+      inside = True
+      continue
+    if inside:
+      if line.startswith("   :") or not line.strip():
+        continue
+      if line.startswith("   "):
+        names.append(line.strip())
+      else:
+        inside = False
+  return names
+
+
+@pytest.fixture(scope="module")
+def api_pages(tmp_path_factory):
+  out = tmp_path_factory.mktemp("docs")
+  written = apigen.write_pages(out)
+  return out / apigen.API_DIR, written
+
+
+def test_api_covers_the_public_modules(api_pages):
+  _, written = api_pages
+  for required in ("gradclip_jax", "gradclip_jax.functional", "gradclip_jax.dp",
+                   "gradclip_jax.dp.accounting"):
+    assert required in written
+  index = (api_pages[0] / "index.rst").read_text()
+  for modname in written:
+    assert f"   {modname}" in index.splitlines()
+
+
+@pytest.mark.parametrize("modname", [m for m, _, _ in apigen.MODULES])
+def test_every_public_name_has_an_api_page(api_pages, modname):
+  try:
+    module = importlib.import_module(modname)
+  except ModuleNotFoundError as e:
+    if e.name != modname:
+      raise
+    pytest.skip(f"{modname} does not exist (yet)")
+  page = (api_pages[0] / f"{modname}.rst").read_text()
+  listed = set(_autosummary_entries(page))
+  names = getattr(module, "__all__", None)
+  if names is None:  # a module without __all__: its own public functions and classes
+    names = [n for n, v in vars(module).items() if not n.startswith("_")
+             and callable(v) and getattr(v, "__module__", None) == modname]
+  assert names, f"{modname} has no public names"
+  for name in names:
+    obj = getattr(module, name)
+    if isinstance(obj, type(sys)):  # a submodule: linked to its own page
+      assert f":doc:`{modname}.{name}`" in page
+      assert any(m == f"{modname}.{name}" for m, _, _ in apigen.MODULES), (
+          f"{modname}.{name} is public but has no API page")
+    else:
+      assert name in listed, f"{modname}.{name} has no API page"
+
+
+def test_apigen_lists_names_once(api_pages):
+  for page in api_pages[0].glob("gradclip_jax*.rst"):
+    entries = _autosummary_entries(page.read_text())
+    assert len(entries) == len(set(entries)), page.name
+
+
+def test_the_parser_sees_autosummary_entries():
+  rst = ".. autosummary::\n   :toctree: x\n\n   a\n   b\n\nText\n"
+  assert _autosummary_entries(rst) == ["a", "b"]
+
+
+def _toctree_entries(md: str) -> list[str]:
+  entries = []
+  for block in re.findall(r"```\{toctree\}\n(.*?)```", md, flags=re.S):
+    entries += [l.strip() for l in block.splitlines()
+                if l.strip() and not l.strip().startswith(":")]
+  return entries
+
+
+def test_every_page_is_in_the_toctree():
+  entries = _toctree_entries((DOCS / "index.md").read_text())
+  pages = [p.relative_to(DOCS).with_suffix("").as_posix() for p in DOCS.rglob("*.md")
+           if not p.relative_to(DOCS).parts[0].startswith("_")
+           and p.relative_to(DOCS).parts[0] not in ("notebooks", "api", "jupyter_execute")
+           and p.name != "index.md"]
+  assert pages
+  for page in pages:
+    assert page in entries, f"docs/{page}.md is in no toctree of docs/index.md"
+  assert "api/index" in entries and any(e.startswith("notebooks/") for e in entries)
+
+
+@pytest.mark.parametrize("guide", sorted(p.name for p in (DOCS / "guides").glob("*.md")))
+def test_guides_are_executed_text_notebooks(guide):
+  text = (DOCS / "guides" / guide).read_text()
+  assert text.startswith(FRONT_MATTER), f"{guide} lacks the mystnb front matter"
+
+
+def _relative_links(md: str) -> list[str]:
+  links = re.findall(r"\]\(([^)\s]+)\)", md)
+  return [l.split("#")[0] for l in links
+          if not re.match(r"^[a-z]+:", l) and not l.startswith("#") and l.split("#")[0]]
+
+
+@pytest.mark.parametrize("source", ["README.md"] + sorted(
+    p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md")
+    if not {"_build", "jupyter_execute", "notebooks"} & set(p.relative_to(DOCS).parts)))
+def test_relative_links_exist(source):
+  path = ROOT / source
+  for link in _relative_links(path.read_text()):
+    target = (path.parent / link).resolve()
+    # A link into the Sphinx site may omit the .md suffix.
+    assert target.exists() or target.with_suffix(".md").exists(), (
+        f"{source} links to {link}, which does not exist")
