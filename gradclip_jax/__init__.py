@@ -4,6 +4,8 @@ Importing this package pulls in JAX and Optax only; the Flax trainers live in
 ``gradclip_jax.training`` and are imported only when used.
 """
 
+from gradclip_jax import config
+from gradclip_jax import dp
 from gradclip_jax import functional
 from gradclip_jax._adaptive import AdaGCState
 from gradclip_jax._adaptive import AdaptiveGradClipState
@@ -22,17 +24,26 @@ from gradclip_jax._clipping import clip_by_average_norm
 from gradclip_jax._clipping import clip_by_global_norm
 from gradclip_jax._clipping import clip_by_norm
 from gradclip_jax._clipping import clip_by_value
+from gradclip_jax.dp import AddNoiseState
+from gradclip_jax.dp import PerExampleClipState
 from gradclip_jax.dp import add_noise
 from gradclip_jax.dp import clipped_grad
 from gradclip_jax.dp import dp_aggregate
+from gradclip_jax.dp import ghost_coverage
 from gradclip_jax.dp import per_example_clip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # fixed-threshold rules
     "ClipByGlobalNormState", "ClipByNormState", "ClipByValueState",
     "clip_by_average_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value",
-    "functional",
+    # adaptive rules
     "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "SkipSpikesState",
     "ZClipState", "adagc", "adaptive_grad_clip", "autoclip", "skip_spikes", "zclip",
+    # differential privacy
+    "AddNoiseState", "PerExampleClipState", "add_noise", "clipped_grad",
+    "dp_aggregate", "ghost_coverage", "per_example_clip",
+    # modules
+    "config", "dp", "functional",
 ]

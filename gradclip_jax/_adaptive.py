@@ -18,7 +18,7 @@ rule                        threshold
 =========================== ==========================================================
 
 They share the norm kernels of :mod:`gradclip_jax._norms` with the fixed rules
-(float32 accumulation whatever the gradient dtype, overflow rescue, NaN-free
+(accumulation in at least float32, float64 kept, over/underflow rescue, NaN-free
 derivatives) and the state conventions of :mod:`gradclip_jax._clipping`: a
 ``NamedTuple`` state of fixed size (no Python lists, no host round-trips) in which
 
@@ -58,57 +58,21 @@ import optax
 
 from gradclip_jax import _clipping
 from gradclip_jax import _norms
+from gradclip_jax import _tuning
 
 
-def _zero_count():
-  return jnp.zeros((), jnp.int32)
+_zero_count = _norms.zero_count
+_check_range = _norms.check_range
+_check_int = _norms.check_int
 
 
-def _f32(x) -> jax.Array:
-  return jnp.asarray(x, jnp.float32)
+def _state_dtype(params: Any):
+  """The dtype of the statistics kept in a state: the params' accumulation dtype."""
+  return _norms.norm_dtype(_norms.leaves_of(params))
 
 
-# ----------------------------------------------------------------- build checks
-
-
-def _concrete_value(name: str, value: Any) -> Optional[np.ndarray]:
-  """``value`` as a NumPy scalar, or None when it is traced (inject_hyperparams)."""
-  if not _norms.is_concrete(value):
-    return None
-  arr = np.asarray(value)
-  if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.number) and
-                           not np.issubdtype(arr.dtype, np.complexfloating)):
-    raise TypeError(f"{name} must be a real number, got {value!r}")
-  return arr
-
-
-def _check_range(name: str, value: Any, lo: float, hi: float, *,
-                 lo_open: bool = False, hi_open: bool = False) -> None:
-  """``ValueError`` unless ``lo <(=) value <(=) hi`` (skipped for traced values)."""
-  arr = _concrete_value(name, value)
-  if arr is None:
-    return
-  v = float(arr)
-  ok = not math.isnan(v)
-  ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-  if not ok:
-    interval = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
-    raise ValueError(f"{name} must be in {interval}, got {v}")
-
-
-def _check_int(name: str, value: Any, minimum: int, *, static: bool = False) -> None:
-  """``ValueError`` for an integer argument below ``minimum``."""
-  if static:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-      raise TypeError(f"{name} must be a Python int (it fixes a shape; list it in "
-                      f"inject_hyperparams' static_args), got {value!r}")
-  arr = _concrete_value(name, value)
-  if arr is None:
-    return
-  if not np.issubdtype(arr.dtype, np.integer) and float(arr) != int(arr):
-    raise TypeError(f"{name} must be an integer, got {value!r}")
-  if int(arr) < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {int(arr)}")
+def _as(x, dtype) -> jax.Array:
+  return jnp.asarray(x, dtype)
 
 
 def _is_finite_and_count(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -117,7 +81,7 @@ def _is_finite_and_count(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _global_norm_and_count(updates) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The checked tree's f32 L2 norm, whether it is finite, and that as an int32 count."""
+  """The checked tree's L2 norm, whether it is finite, and that as an int32 count."""
   _norms.check_gradient_tree(updates)
   norm = _norms.tree_norm(_norms.leaves_of(updates))
   return (norm, *_is_finite_and_count(norm))
@@ -152,29 +116,7 @@ def unitwise_axes(ndim: int, axis: Any = None) -> Optional[tuple[int, ...]]:
     return None
   if axis is None:
     return tuple(range(ndim - 1))
-  axes = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else tuple(axis)
-  out = []
-  for a in axes:
-    a = int(a)
-    if not -ndim <= a < ndim:
-      raise ValueError(f"adaptive_grad_clip axis {a} is out of range for a leaf of "
-                       f"rank {ndim}")
-    out.append(a % ndim)
-  return tuple(sorted(set(out)))
-
-
-def _weights_apart(w_leaves) -> list:
-  """The weights, through an optimization barrier, for AGC's weight norms.
-
-  In a training step the weights are also read by the parameter update. XLA:CPU
-  upcasts a bfloat16 update to float32, and common-subexpression elimination gave
-  the norm's reduction and the update one shared ``convert`` of every weight, which
-  XLA:CPU then wrote to memory as a float32 copy (100 MB for the 25M tree, written
-  and read back every step; counted with ``benchmarks/gpu_traffic.kernels`` on the
-  CPU's compiled step). Behind the barrier the norm has its own values and fuses
-  its conversion into the reduction.
-  """
-  return list(jax.lax.optimization_barrier([jnp.asarray(w) for w in w_leaves]))
+  return _norms.unit_axes(axis, ndim, "adaptive_grad_clip axis")
 
 
 def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
@@ -190,7 +132,7 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
       G_i <- G_i                      otherwise
 
   i.e. ``G_i * min(1, clipping * max(||W_i||, eps) / ||G_i||)``; Frobenius norms,
-  accumulated in float32. Paper defaults: ``eps = 1e-3``; ``clipping`` 0.01 for
+  accumulated in at least float32. Paper defaults: ``eps = 1e-3``; ``clipping`` 0.01 for
   batch size 4096 with SGD-Nesterov (larger for smaller batches, up to ~0.16).
 
   **Units (reduction axes) per rank**, see :func:`unitwise_axes`: rank 0-1 one
@@ -229,16 +171,16 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AdaptiveGradClipState`.
   """
-  _norms.check_threshold("clipping", clipping)
-  _norms.check_threshold("eps", eps)
+  _norms.check_threshold("clipping", clipping, scalar=True)
+  _norms.check_threshold("eps", eps, scalar=True)
   if axis is not None and not isinstance(axis, (numbers.Integral, np.integer, tuple,
                                                 list)):
     raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
 
   def init_fn(params):
-    del params
-    return AdaptiveGradClipState(global_norm=jnp.zeros((), jnp.float32),
-                                 max_ratio=jnp.zeros((), jnp.float32),
+    dtype = _state_dtype(params)
+    return AdaptiveGradClipState(global_norm=_norms.zero_of(dtype),
+                                 max_ratio=_norms.zero_of(dtype),
                                  num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None):
@@ -254,8 +196,6 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
       raise ValueError(
           "adaptive_grad_clip: params do not have the structure of the gradients:\n"
           f"  gradients: {treedef}\n  params: {jax.tree.structure(params)}") from e
-    clip = jnp.maximum(_f32(clipping), 0.0)
-    floor = jnp.maximum(_f32(eps), 0.0)
     for g, w in zip(g_leaves, w_leaves):
       if g.shape != jnp.shape(w):
         raise ValueError(f"adaptive_grad_clip: gradient shape {g.shape} differs from "
@@ -264,21 +204,20 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
     # Norms and scales per group of same-shape leaves (see _norms.LeafGroups).
     groups = _norms.LeafGroups(g_leaves, axes)
     g_norms = groups.norms(groups.stack(g_leaves))
-    w_norms = [jnp.maximum(w_norm, floor) for w_norm in
-               groups.norms(groups.stack(_weights_apart(w_leaves)))]
-    scales = [_norms.clip_scale(g_norm, clip * w_norm)
-              for g_norm, w_norm in zip(g_norms, w_norms)]
+    w_norms = groups.norms(groups.stack(_tuning.weights_apart(w_leaves)))
+    # ||G_i|| / max(||W_i||, eps) <= clipping, in the gradient norm's dtype.
+    w_norms = [jnp.maximum(w.astype(g.dtype), jnp.maximum(_as(eps, g.dtype), 0.0))
+               for g, w in zip(g_norms, w_norms)]
+    scales = [_norms.clip_scale(g, jnp.maximum(_as(clipping, g.dtype), 0.0) * w)
+              for g, w in zip(g_norms, w_norms)]
     out = groups.scale(g_leaves, scales)
     hit = _norms.stacked_any([s < 1 for s in scales])
-    # Per-group maxima combined in one stacked reduction (a chain of maximum() over
-    # the leaves made XLA's compile time grow quadratically with the leaf count).
-    max_ratio = jnp.max(jnp.stack(
-        [jnp.max(g_norm / w_norm, initial=0.0) for g_norm, w_norm
-         in zip(g_norms, w_norms)] + [jnp.zeros((), jnp.float32)]))
+    dtype = state.global_norm.dtype
+    max_ratio = _norms.stacked_max([g / w for g, w in zip(g_norms, w_norms)], dtype)
     # The unit norms already hold the whole sum of squares: no second pass.
     norm = _norms.tree_norm(g_norms)
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(
-        global_norm=norm, max_ratio=max_ratio,
+        global_norm=norm.astype(dtype), max_ratio=max_ratio,
         num_clipped=state.num_clipped + hit.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -289,10 +228,10 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
 
 class AutoClipState(NamedTuple):
   """State of :func:`autoclip`."""
-  norm_history: jax.Array  # f32[history_size]: ring buffer of global norms.
+  norm_history: jax.Array  # [history_size]: ring buffer of global norms.
   count: jax.Array         # int32: finite norms recorded so far (may exceed size).
-  global_norm: jax.Array   # f32: global norm of this step's gradients.
-  max_norm: jax.Array      # f32: the percentile threshold used this step.
+  global_norm: jax.Array   # global norm of this step's gradients.
+  max_norm: jax.Array      # the percentile threshold used this step.
   num_clipped: jax.Array   # int32: steps with global_norm > max_norm.
 
 
@@ -311,8 +250,9 @@ def filled_percentile(history: jax.Array, filled: jax.Array,
   n = jnp.clip(jnp.asarray(filled, jnp.int32), 0, size)
   padded = jnp.where(jnp.arange(size) < n, history, jnp.inf)
   ordered = jnp.sort(padded)
-  q = jnp.clip(_f32(percentile), 0.0, 100.0) / 100.0
-  k = (jnp.maximum(n, 1) - 1).astype(jnp.float32) * q
+  dtype = history.dtype
+  q = jnp.clip(_as(percentile, dtype), 0.0, 100.0) / 100.0
+  k = (jnp.maximum(n, 1) - 1).astype(dtype) * q
   lo = jnp.floor(k)
   t = k - lo
   lo_i = lo.astype(jnp.int32)
@@ -338,7 +278,8 @@ def autoclip(percentile: Any = 10.0,
 
   The paper's default is ``p = 10`` (it reports p in 10..25 working well) and it
   keeps the whole history; we keep the last ``history_size`` norms in a
-  float32 ring buffer (fixed-size state), which also lets the threshold follow a
+  ring buffer (fixed-size state; float64 for float64 parameters), which also lets
+  the threshold follow a
   drifting gradient scale. As in the paper's code, the current norm enters the
   history *before* the percentile is taken, so the first step is never clipped
   (``c_1 = n_1``) and ``p = 100`` clips only norms above all previous ones. The
@@ -365,18 +306,19 @@ def autoclip(percentile: Any = 10.0,
   size = int(history_size)
 
   def init_fn(params):
-    del params
-    return AutoClipState(norm_history=jnp.zeros((size,), jnp.float32),
+    dtype = _state_dtype(params)
+    return AutoClipState(norm_history=jnp.zeros((size,), dtype),
                          count=_zero_count(),
-                         global_norm=jnp.zeros((), jnp.float32),
-                         max_norm=jnp.full((), jnp.inf, jnp.float32),
+                         global_norm=_norms.zero_of(dtype),
+                         max_norm=jnp.full((), jnp.inf, dtype),
                          num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None):
     del params
     norm, finite, inc = _global_norm_and_count(updates)
+    dtype = state.norm_history.dtype
     slot = state.count % size
-    history = jnp.where(finite, state.norm_history.at[slot].set(norm),
+    history = jnp.where(finite, state.norm_history.at[slot].set(norm.astype(dtype)),
                         state.norm_history)
     count = state.count + inc
     threshold = filled_percentile(history, jnp.minimum(count, size), percentile)
@@ -384,7 +326,8 @@ def autoclip(percentile: Any = 10.0,
     clipped = finite & (scale < 1)
     new_updates = _clipping.scale_tree(updates, scale)
     return new_updates, AutoClipState(
-        norm_history=history, count=count, global_norm=norm, max_norm=threshold,
+        norm_history=history, count=count, global_norm=norm.astype(dtype),
+        max_norm=threshold,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -395,11 +338,11 @@ def autoclip(percentile: Any = 10.0,
 
 class ZClipState(NamedTuple):
   """State of :func:`zclip`."""
-  mean: jax.Array         # f32: EMA of the (clipped) global norm; warm-up: its mean.
-  var: jax.Array          # f32: EMA variance; warm-up: population variance.
+  mean: jax.Array         # EMA of the (clipped) global norm; warm-up: its mean.
+  var: jax.Array          # EMA variance; warm-up: population variance.
   count: jax.Array        # int32: finite steps seen.
-  global_norm: jax.Array  # f32: global norm of this step's gradients (pre-clip).
-  max_norm: jax.Array     # f32: bound on this step's output norm (see zclip).
+  global_norm: jax.Array  # global norm of this step's gradients (pre-clip).
+  max_norm: jax.Array     # bound on this step's output norm (see zclip).
   num_clipped: jax.Array  # int32: steps in which the update was scaled down.
 
 
@@ -460,27 +403,30 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
   _check_range("z_threshold", z_threshold, 0.0, math.inf, lo_open=True)
   _check_int("warmup_steps", warmup_steps, 0)
   if max_norm is not None:
-    _norms.check_threshold("max_norm", max_norm)
-  _norms.check_threshold("eps", eps)
+    _norms.check_threshold("max_norm", max_norm, scalar=True)
+  _norms.check_threshold("eps", eps, scalar=True)
 
   def init_fn(params):
-    del params
     # Distinct buffers per field, so the state can be donated to a jitted step.
-    zero = lambda: jnp.zeros((), jnp.float32)
+    dtype = _state_dtype(params)
+    zero = lambda: _norms.zero_of(dtype)
     return ZClipState(mean=zero(), var=zero(), count=_zero_count(), global_norm=zero(),
-                      max_norm=jnp.full((), jnp.inf, jnp.float32),
+                      max_norm=jnp.full((), jnp.inf, dtype),
                       num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None):
     del params
     norm, finite, inc = _global_norm_and_count(updates)
-    a, z_thr, e = _f32(alpha), _f32(z_threshold), jnp.maximum(_f32(eps), 0.0)
-    cap = jnp.inf if max_norm is None else jnp.maximum(_f32(max_norm), 0.0)
+    dtype = state.mean.dtype  # the statistics' dtype; the scale is in norm's
+    a, z_thr = _as(alpha, dtype), _as(z_threshold, dtype)
+    e = jnp.maximum(_as(eps, dtype), 0.0)
+    cap = (jnp.full((), jnp.inf, dtype) if max_norm is None
+           else jnp.maximum(_as(max_norm, dtype), 0.0))
     warm = state.count < jnp.maximum(jnp.asarray(warmup_steps, jnp.int32), 1)
-    safe_norm = jnp.where(finite, norm, 0.0)
+    safe_norm = jnp.where(finite, norm, 0.0).astype(dtype)
 
     # Warm-up: Welford's running mean / population variance of the raw norms.
-    n1 = (state.count + 1).astype(jnp.float32)
+    n1 = (state.count + 1).astype(dtype)
     delta = safe_norm - state.mean
     w_mean = state.mean + delta / n1
     w_var = (state.var * (n1 - 1.0) + delta * (safe_norm - w_mean)) / n1
@@ -506,7 +452,7 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
     clipped = finite & (scale < 1)
     new_updates = _clipping.scale_tree(updates, scale)
     return new_updates, ZClipState(
-        mean=mean, var=var, count=state.count + inc, global_norm=norm,
+        mean=mean, var=var, count=state.count + inc, global_norm=norm.astype(dtype),
         max_norm=bound, num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -517,10 +463,10 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
 
 class AdaGCState(NamedTuple):
   """State of :func:`adagc`."""
-  gamma: Any              # pytree of f32 scalars (one per leaf): the EMA gamma_i.
+  gamma: Any              # pytree of scalars (one per leaf): the EMA gamma_i.
   count: jax.Array        # int32: finite steps seen.
-  global_norm: jax.Array  # f32: global norm of this step's gradients (pre-clip).
-  max_norm: jax.Array     # f32: lambda_abs in warm-up, then ||lambda_rel*gamma||_2.
+  global_norm: jax.Array  # global norm of this step's gradients (pre-clip).
+  max_norm: jax.Array     # lambda_abs in warm-up, then ||lambda_rel*gamma||_2.
   num_clipped: jax.Array  # int32: steps in which some tensor was scaled down.
 
 
@@ -575,16 +521,18 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AdaGCState`.
   """
-  _norms.check_threshold("lambda_abs", lambda_abs)
-  _norms.check_threshold("lambda_rel", lambda_rel)
+  _norms.check_threshold("lambda_abs", lambda_abs, scalar=True)
+  _norms.check_threshold("lambda_rel", lambda_rel, scalar=True)
   _check_range("beta", beta, 0.0, 1.0, hi_open=True)
   _check_int("warmup_steps", warmup_steps, 0)
 
   def init_fn(params):
+    dtype = _state_dtype(params)
     return AdaGCState(
-        gamma=jax.tree.map(lambda _: jnp.full((), jnp.inf, jnp.float32), params),
-        count=_zero_count(), global_norm=jnp.zeros((), jnp.float32),
-        max_norm=jnp.full((), jnp.inf, jnp.float32), num_clipped=_zero_count())
+        gamma=jax.tree.map(lambda p: jnp.full(
+            (), jnp.inf, _norms.real_acc_dtype(_norms._dtype_of(p))), params),  # pylint: disable=protected-access
+        count=_zero_count(), global_norm=_norms.zero_of(dtype),
+        max_norm=jnp.full((), jnp.inf, dtype), num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None):
     del params
@@ -604,11 +552,12 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
     norm = _norms.tree_norm(norms)
     finite, inc = _is_finite_and_count(norm)
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
-    b = _f32(beta)
-    rel = jnp.maximum(_f32(lambda_rel), 0.0)
     global_scale = _norms.clip_scale(norm, lambda_abs)
     new_gammas, thresholds, scales = [], [], []
-    for n_i, gamma in zip(norms, groups.stack([_f32(g) for g in gammas])):
+    for n_i, gamma in zip(norms, groups.stack(gammas)):
+      dtype = jnp.promote_types(n_i.dtype, gamma.dtype)
+      n_i, gamma = n_i.astype(dtype), gamma.astype(dtype)
+      b, rel = _as(beta, dtype), jnp.maximum(_as(lambda_rel, dtype), 0.0)
       thr = rel * gamma
       scale = jnp.where(warm, global_scale, _norms.clip_scale(n_i, thr))
       scale = _propagate(finite, scale)
@@ -623,13 +572,14 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
                                   gamma))
       thresholds.append(thr)
     out = groups.scale(leaves, scales)
-    new_gammas = groups.unstack(new_gammas)
+    new_gammas = [n.astype(g.dtype) for n, g in zip(groups.unstack(new_gammas), gammas)]
     hit = _norms.stacked_any([s < 1 for s in scales])
-    bound = jnp.where(warm, jnp.maximum(_f32(lambda_abs), 0.0),
-                      _norms.tree_norm(thresholds))
+    dtype = state.global_norm.dtype
+    bound = jnp.where(warm, jnp.maximum(_as(lambda_abs, dtype), 0.0),
+                      _norms.tree_norm(thresholds).astype(dtype))
     return jax.tree.unflatten(treedef, out), AdaGCState(
         gamma=jax.tree.unflatten(treedef, new_gammas),
-        count=state.count + inc, global_norm=norm, max_norm=bound,
+        count=state.count + inc, global_norm=norm.astype(dtype), max_norm=bound,
         num_clipped=state.num_clipped + (finite & hit).astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -641,66 +591,13 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
 class SkipSpikesState(NamedTuple):
   """State of :func:`skip_spikes`."""
   inner_state: Any        # the wrapped optimizer's state (untouched on skipped steps).
-  mean: jax.Array         # f32: EMA mean of the global norm over accepted steps.
-  var: jax.Array          # f32: EMA variance of the global norm over accepted steps.
+  mean: jax.Array         # EMA mean of the global norm over accepted steps.
+  var: jax.Array          # EMA variance of the global norm over accepted steps.
   count: jax.Array        # int32: accepted steps.
-  global_norm: jax.Array  # f32: global norm of this step's gradients.
-  max_norm: jax.Array     # f32: spike threshold this step (inf before min_count).
+  global_norm: jax.Array  # global norm of this step's gradients.
+  max_norm: jax.Array     # spike threshold this step (inf before min_count).
   num_skipped: jax.Array  # int32: skipped steps (non-finite or spike).
   num_clipped: jax.Array  # int32: same as num_skipped (package-wide convention).
-
-
-def _ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
-  """``where(skip, old, new)`` leafwise; on CPU large selects are ordered after updates.
-
-  Selecting an optimizer's donated state between old and new on a run-time flag made
-  XLA:CPU copy every state buffer at entry (``benchmarks/variants/
-  skip_state_copies.py``): the fusion that writes the selected state in place and the
-  fusion that computes the updates both read the old state, and nothing orders them.
-  On CPU, in a state subtree shaped like ``updates`` (Adam's ``mu`` and ``nu``), each
-  leaf of more than ``_norms._PACK_LEAF`` entries is selected on ``skip | never``,
-  ``never`` being :func:`_norms.never` of the matching updates leaf: the write waits for
-  the update and overwrites the old buffer in place. Every other state leaf (step
-  counts, small leaves, other backends, where the copies were not measured to matter)
-  is selected on ``skip`` alone. Small leaves are left out because their copies cost
-  little, and ordering the 1,000 leaves of benchmarks/clip_overhead.py made the step
-  compile in 22.3 s instead of 11.2 s.
-  """
-  treedef = jax.tree.structure(updates)
-  leaves = jax.tree.leaves(updates)
-  big = [u.size > _norms._PACK_LEAF for u in leaves]
-  nevers = iter(jax.lax.platform_dependent(
-      [u for u, b in zip(leaves, big) if b],
-      cpu=lambda ls: [_norms.never(u) for u in ls],
-      default=lambda ls: [jnp.zeros((), jnp.bool_) for _ in ls]))
-  flags = jax.tree.unflatten(treedef, [skip | next(nevers) if b else skip for b in big])
-
-  def select_like_updates(o, n, flag, u):
-    return jnp.where(flag if o.shape == u.shape else skip, o, n)
-
-  def select(o, n):
-    if treedef.num_leaves and jax.tree.structure(o) == treedef:
-      return jax.tree.map(select_like_updates, o, n, flags, updates)
-    return jax.tree.map(lambda o_, n_: jnp.where(skip, o_, n_), o, n)
-
-  return jax.tree.map(select, old, new,
-                      is_leaf=lambda x: jax.tree.structure(x) == treedef)
-
-
-def _norm_apart(updates: Any) -> jax.Array:
-  """The global norm of ``updates``, read through an optimization barrier.
-
-  ``inner`` reads the same gradients. Without the barrier XLA:CPU merged the norm's
-  conversions and squares with Adam's identical ones (common-subexpression
-  elimination) and wrote them to memory between the two: for float32 leaves the
-  shared ``g * g`` (1.87x against 1.60x adam alone on the 25M tree of
-  ``benchmarks/clip_overhead.py``), for bfloat16 leaves a float32 copy of every
-  gradient (1.60x against 1.38-1.41x, ``benchmarks/variants/skip_norm_barrier.py``).
-  Behind the barrier the norm has its own values, and its reduction converts and
-  squares on its own.
-  """
-  leaves = list(jax.lax.optimization_barrier(_norms.leaves_of(updates)))
-  return _norms.tree_norm(leaves)
 
 
 def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
@@ -751,35 +648,39 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
   if not (hasattr(inner, "init") and hasattr(inner, "update")):
     raise TypeError(f"skip_spikes wraps an optax.GradientTransformation, got "
                     f"{type(inner).__name__}")
-  _norms.check_threshold("threshold", threshold)
+  _norms.check_threshold("threshold", threshold, scalar=True)
   _check_range("ema_decay", ema_decay, 0.0, 1.0, hi_open=True)
   _check_int("min_count", min_count, 0)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: donatable state
+    dtype = _state_dtype(params)
+    zero = lambda: _norms.zero_of(dtype)  # distinct buffers: donatable state
     return SkipSpikesState(
         inner_state=inner.init(params), mean=zero(), var=zero(), count=_zero_count(),
-        global_norm=zero(), max_norm=jnp.full((), jnp.inf, jnp.float32),
+        global_norm=zero(), max_norm=jnp.full((), jnp.inf, dtype),
         num_skipped=_zero_count(), num_clipped=_zero_count())
 
   def update_fn(updates, state, params=None, **extra_args):
     _norms.check_gradient_tree(updates)
-    norm = _norm_apart(updates)
+    norm = _norms.tree_norm(_tuning.norm_apart(_norms.leaves_of(updates)))
     finite = jnp.isfinite(norm)
+    dtype = state.mean.dtype
     sigma = jnp.sqrt(jnp.maximum(state.var, 0.0))
     bound = jnp.where(state.count >= jnp.asarray(min_count, jnp.int32),
-                      state.mean + jnp.maximum(_f32(threshold), 0.0) * sigma,
+                      state.mean + jnp.maximum(_as(threshold, dtype), 0.0) * sigma,
                       jnp.inf)
     skip = ~finite | (norm > bound)
+    norm = norm.astype(dtype)
 
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     new_updates = jax.tree.map(
         lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    inner_state = _ordered_select(skip, state.inner_state, new_inner, new_updates)
+    inner_state = _tuning.ordered_select(skip, state.inner_state, new_inner,
+                                         new_updates)
 
-    d = _f32(ema_decay)
+    d = _as(ema_decay, dtype)
     first = state.count == 0
     delta = jnp.where(finite, norm, 0.0) - state.mean
     mean = jnp.where(first, norm, state.mean + (1.0 - d) * delta)

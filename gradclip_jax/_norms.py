@@ -1,26 +1,29 @@
-"""Numerics shared by every rule: float32 norms, the clip scale, input checks.
+"""Numerics shared by every rule: norms, the clip scale, and the input checks.
 
 Everything that computes a norm in gradclip_jax goes through this module, so the
 transforms (``gradclip_jax.clip_*``), the adaptive rules and the TensorFlow-style
 functional API (``gradclip_jax.functional``) agree to the last bit.
 
-Design points, each one a place where the usual implementations go wrong:
-
-* **float32 accumulation.** Every leaf is upcast to float32 (complex64 for complex
-  leaves) *inside* the reduction, so a float16 gradient of magnitude 300 (whose
-  square, 9e4, overflows float16) still has a finite, correct norm. XLA fuses the
-  cast into the reduction: no float32 copy of the gradients is ever written.
-* **No silent float32 overflow either.** bfloat16 and float32 share float32's range,
-  so the sum of squares of values above ~1.8e19 overflows. When the plain sum comes
-  out infinite although the largest entry is finite, the norm is recomputed in a
-  scaled form ``m * ||x / m||`` (``m = max |x|``), as LAPACK's ``nrm2`` does. How
-  the rescue runs depends on the backend (:func:`overflow_guarded`): on CPU under a
-  ``lax.cond``, so the common path pays nothing for it; on GPU/TPU as a second
-  accumulator in the same pass over the data, with no ``cond`` (measured there in
-  :func:`overflow_guarded`).
+* **Accumulation in at least float32.** A leaf is reduced in
+  :func:`acc_dtype` ``= jnp.promote_types(dtype, float32)``: float16 and bfloat16
+  go to float32 (a float16 gradient of magnitude 300, whose square overflows float16,
+  still has a finite, correct norm), float32 stays float32, float64 stays float64
+  (complex64/complex128 likewise). The cast happens inside the reduction; XLA fuses
+  it, so no wide copy of the gradients is written. Scales and the clipped products
+  are computed in the same dtype; every output leaf keeps its own dtype.
+* **Overflow and underflow rescue.** A sum of squares overflows for entries above
+  ``sqrt(max)`` (~1.8e19 in float32, ~1.3e154 in float64) and underflows to zero for
+  entries below ``sqrt(tiny)``. When the plain sum ``s`` is ``+inf`` or below
+  :func:`rescue_limits`' ``low``, the sum is recomputed with every entry multiplied by
+  an exact power of two ``r`` (``2**-k`` after an overflow, ``2**k`` after an
+  underflow; ``k = 80`` for float32, ``600`` for float64) and the norm is
+  ``sqrt(sum |x r|^2) / r``: exact in the scaling, so the norm keeps the dtype's
+  precision across its whole range (the idea of LAPACK's ``nrm2``). NaN entries
+  give a NaN norm, an inf entry an inf norm.
 * **NaN-free derivatives.** ``sqrt`` has an infinite slope at 0, so the naive
   ``jax.grad`` of a clipped zero gradient is ``0 * inf = NaN``. Roots are taken
-  with the double-``where`` form, which gives a zero derivative at zero.
+  with the double-``where`` form (:func:`safe_root`), which gives a zero derivative
+  at zero.
 * **A clip scale defined everywhere.** ``min(1, c / n)`` is ``0 / 0`` for zero
   gradients with ``c = 0`` and ``inf / inf`` for ``c = inf``; :func:`clip_scale`
   returns 1 whenever ``n <= c`` and divides only when ``n > c >= 0``.
@@ -28,22 +31,69 @@ Design points, each one a place where the usual implementations go wrong:
   (:func:`pack_small_leaves`); the per-leaf rules batch same-shape leaves
   (:class:`LeafGroups`). A tree of 1,000 small leaves then compiles and runs like a
   tree of a few arrays instead of paying a kernel per leaf.
+* **Validation.** One family of build-time checks (:func:`check_threshold`,
+  :func:`check_range`, :func:`check_int`, :func:`check_norm_type`) and one shape rule
+  for per-leaf thresholds (:func:`broadcast_thresholds`).
+
+What only steers one XLA backend lives in :mod:`gradclip_jax._tuning`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from gradclip_jax import _tuning
+
 Array = jax.Array
 AxisName = Optional[Union[str, Sequence[str]]]
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def acc_dtype(dtype: Any) -> np.dtype:
+  """The dtype a leaf of ``dtype`` is accumulated in: ``promote_types(dtype, f32)``.
+
+  float16/bfloat16 -> float32, float32 -> float32, float64 -> float64, complex64 ->
+  complex64, complex128 -> complex128 (float64 needs ``jax_enable_x64``).
+  """
+  return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def real_acc_dtype(dtype: Any) -> np.dtype:
+  """The real dtype of a leaf's norm: float32, or float64 for 64-bit leaves."""
+  acc = acc_dtype(dtype)
+  return jnp.dtype(jnp.finfo(acc).dtype)
+
+
+def norm_dtype(leaves: Sequence[Any]) -> np.dtype:
+  """The dtype of a norm of ``leaves`` taken together: float32 at least."""
+  out = jnp.dtype(jnp.float32)
+  for x in leaves:
+    out = jnp.promote_types(out, real_acc_dtype(_dtype_of(x)))
+  return out
+
+
+def _dtype_of(x: Any) -> np.dtype:
+  dtype = getattr(x, "dtype", None)
+  return jnp.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def zero_count() -> Array:
+  """A fresh int32 zero (every state counter starts here; distinct buffers)."""
+  return jnp.zeros((), jnp.int32)
+
+
+def zero_of(dtype: Any) -> Array:
+  """A fresh scalar zero of ``dtype`` (a distinct buffer: states can be donated)."""
+  return jnp.zeros((), dtype)
 
 
 # --------------------------------------------------------------------------- checks
@@ -55,6 +105,10 @@ def _leaf_paths(tree: Any):
   return [(jax.tree_util.keystr(path) or "<root>", leaf) for path, leaf in flat]
 
 
+def _label(name: str, path: str) -> str:
+  return name if path == "<root>" else f"{name}{path}"
+
+
 def check_gradient_tree(tree: Any, what: str = "gradient") -> None:
   """Raises ``TypeError`` naming the first leaf that is not floating or complex.
 
@@ -62,9 +116,7 @@ def check_gradient_tree(tree: Any, what: str = "gradient") -> None:
   ``jax.grad`` never produces them: it gives ``float0``), so they are refused.
   """
   for path, leaf in _leaf_paths(tree):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:
-      dtype = np.asarray(leaf).dtype
+    dtype = _dtype_of(leaf)
     if not (jnp.issubdtype(dtype, jnp.floating)
             or jnp.issubdtype(dtype, jnp.complexfloating)):
       raise TypeError(
@@ -79,23 +131,39 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_threshold(name: str, value: Any, *, allow_inf: bool = True) -> None:
+def _as_real_array(name: str, value: Any) -> np.ndarray:
+  """``value`` as a NumPy array of a real (or bool) dtype, else ``TypeError``."""
+  try:
+    arr = np.asarray(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be a number, got {type(value).__name__}") from e
+  ok = (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or
+        jnp.issubdtype(arr.dtype, jnp.floating))  # bfloat16 & co. (ml_dtypes)
+  if not ok or np.issubdtype(arr.dtype, np.complexfloating):
+    raise TypeError(f"{name} must be a real number, got {value!r}")
+  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    arr = arr.astype(np.float32)
+  return arr
+
+
+def check_threshold(name: str, value: Any, *, allow_inf: bool = True,
+                    scalar: bool = False) -> None:
   """``ValueError`` for a negative or NaN threshold known at build time.
 
-  ``value`` may be a Python number, a NumPy/JAX scalar or a pytree of them (per-leaf
-  thresholds). Traced values (``optax.inject_hyperparams`` under ``jit``) cannot be
-  inspected; the rules clamp them at zero instead.
+  ``value`` may be a Python number, a NumPy/JAX scalar or (unless ``scalar``) a
+  pytree of them (per-leaf thresholds; their shapes are checked against the leaves by
+  :func:`broadcast_thresholds`). Traced values (``optax.inject_hyperparams`` under
+  ``jit``) cannot be inspected; the rules clamp them at zero instead. With
+  ``scalar=True`` anything but one number (shape ``()``) is a ``TypeError``.
   """
+  if scalar and not is_scalar_threshold(value):
+    raise TypeError(f"{name} must be one number (a scalar), got "
+                    f"{type(value).__name__} of shape {np.shape(value)}")
   for path, leaf in _leaf_paths(value):
+    label = _label(name, path)
     if not is_concrete(leaf):
       continue
-    arr = np.asarray(leaf)
-    if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == np.bool_):
-      raise TypeError(f"{name}{'' if path == '<root>' else path} must be a number, "
-                      f"got {type(leaf).__name__}")
-    label = name if path == "<root>" else f"{name}{path}"
-    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
-      arr = arr.astype(np.float32)  # bfloat16 & co. (ml_dtypes): numpy has no isnan
+    arr = _as_real_array(label, leaf)
     if np.any(np.isnan(arr)):
       raise ValueError(f"{label} is NaN; a clipping threshold must be a number >= 0")
     if np.any(arr < 0):
@@ -103,6 +171,48 @@ def check_threshold(name: str, value: Any, *, allow_inf: bool = True) -> None:
                        "must be >= 0")
     if not allow_inf and np.any(np.isinf(arr)):
       raise ValueError(f"{label} must be finite, got {arr.tolist()}")
+
+
+def _concrete_scalar(name: str, value: Any) -> Optional[np.ndarray]:
+  """``value`` as a NumPy scalar, or None when it is traced (inject_hyperparams)."""
+  if np.ndim(value) != 0:
+    raise TypeError(f"{name} must be a real number (a scalar), got shape "
+                    f"{np.shape(value)}")
+  if not is_concrete(value):
+    return None
+  return _as_real_array(name, value)
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+  """``ValueError`` unless ``lo <(=) value <(=) hi`` (skipped for traced values)."""
+  arr = _concrete_scalar(name, value)
+  if arr is None:
+    return
+  v = float(arr)
+  ok = not math.isnan(v)
+  ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+  if not ok:
+    interval = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+    raise ValueError(f"{name} must be in {interval}, got {v}")
+
+
+def check_int(name: str, value: Any, minimum: int, *, static: bool = False) -> None:
+  """``ValueError`` for an integer argument below ``minimum``.
+
+  ``static=True``: the value fixes a shape, so it must be a Python int (``TypeError``).
+  """
+  if static:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+      raise TypeError(f"{name} must be a Python int (it fixes a shape; list it in "
+                      f"inject_hyperparams' static_args), got {value!r}")
+  arr = _concrete_scalar(name, value)
+  if arr is None:
+    return
+  if not np.issubdtype(arr.dtype, np.integer) and float(arr) != int(arr):
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+  if int(arr) < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {int(arr)}")
 
 
 def check_norm_type(norm_type: Any) -> float:
@@ -133,48 +243,98 @@ def is_scalar_threshold(value: Any) -> bool:
   return hasattr(value, "shape") and np.ndim(value) == 0
 
 
-def broadcast_thresholds(name: str, value: Any, tree: Any) -> Any:
+def fits(shape: Sequence[int], target: Sequence[int]) -> bool:
+  """Whether an array of ``shape`` broadcasts to ``target`` without changing it."""
+  shape, target = tuple(shape), tuple(target)
+  if len(shape) > len(target):
+    return False
+  return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
+
+
+def broadcast_thresholds(name: str, value: Any, tree: Any,
+                         target: Optional[Callable[[Any], tuple]] = None) -> Any:
   """A threshold per leaf of ``tree``: a scalar is repeated, a pytree is checked.
 
   Raises ``ValueError`` when a per-leaf threshold tree does not have the structure of
-  the gradient tree (``None`` gradient leaves are skipped on both sides).
+  the gradient tree (``None`` gradient leaves are skipped on both sides), and, when
+  ``target`` is given, when a threshold's shape does not *fit* its leaf: it must
+  broadcast to ``target(leaf)`` without changing that shape (see :func:`fits`). The
+  message names the leaf's path and both shapes.
   """
   structure = jax.tree.structure(tree)
   if is_scalar_threshold(value):
     return jax.tree.unflatten(structure, [value] * structure.num_leaves)
   try:
-    return jax.tree.map(lambda _, v: v, tree, value)
+    out = jax.tree.map(lambda _, v: v, tree, value)
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"{name} is a pytree of per-leaf thresholds whose structure does not match "
         f"the gradients:\n  gradients: {structure}\n  {name}: "
         f"{jax.tree.structure(value)}") from e
+  if target is not None:
+    for (path, leaf), v in zip(_leaf_paths(tree), jax.tree.leaves(out)):
+      want = tuple(target(leaf))
+      if not fits(np.shape(v), want):
+        raise ValueError(
+            f"{_label(name, path)} has shape {tuple(np.shape(v))}, which does not fit "
+            f"the leaf {path} of shape {tuple(jnp.shape(leaf))}: it must broadcast to "
+            f"{want} without changing it")
+  return out
+
+
+def unit_axes(axes: Any, ndim: int, what: str = "axis") -> Optional[tuple]:
+  """``axes`` (None, an int or a sequence of ints) as a sorted tuple of axes >= 0.
+
+  ``None`` stays ``None`` (the whole leaf). ``ValueError`` for an axis out of range
+  for a leaf of rank ``ndim``, ``TypeError`` for a non-integer axis.
+  """
+  if axes is None:
+    return None
+  axes = (axes,) if isinstance(axes, (numbers.Integral, np.integer)) else axes
+  out = []
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, (numbers.Integral, np.integer)):
+      raise TypeError(f"{what} must be an int or a tuple of ints, got {a!r}")
+    a = int(a)
+    if not -ndim <= a < ndim:
+      raise ValueError(f"{what} {a} is out of range for a leaf of rank {ndim}")
+    out.append(a % ndim)
+  return tuple(sorted(set(out)))
+
+
+def kept_shape(shape: Sequence[int], axes: Optional[tuple]) -> tuple:
+  """The shape of a norm over ``axes`` (all when None) with the reduced dims kept."""
+  if axes is None:
+    return (1,) * len(shape)
+  return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
 # ------------------------------------------------------------------------- kernels
 
 
-def _abs_f32(x: Array) -> Array:
-  """|x| in float32 (complex64's magnitude for complex leaves)."""
-  if jnp.iscomplexobj(x):
-    return jnp.abs(x.astype(jnp.complex64))
-  return jnp.abs(x.astype(jnp.float32))
+def _abs_acc(x: Array) -> Array:
+  """|x| in the real accumulation dtype (magnitude for complex leaves)."""
+  return jnp.abs(x.astype(acc_dtype(x.dtype)))
 
 
-def _sq_f32(x: Array) -> Array:
-  """|x|^2 in float32; for complex leaves re^2 + im^2, without a square root."""
+def _sq_acc(x: Array) -> Array:
+  """|x|^2 in the real accumulation dtype; for complex leaves re^2 + im^2."""
+  x = x.astype(acc_dtype(x.dtype))
   if jnp.iscomplexobj(x):
-    x = x.astype(jnp.complex64)
     return jnp.square(x.real) + jnp.square(x.imag)
-  x = x.astype(jnp.float32)
   return x * x
 
 
-def _power_f32(x: Array, p: float) -> Array:
-  """|x|^p in float32."""
+# The names the DP module imports (they now follow the accumulation dtype).
+_abs_f32 = _abs_acc
+_sq_f32 = _sq_acc
+
+
+def _power_acc(x: Array, p: float) -> Array:
+  """|x|^p in the accumulation dtype."""
   if p == 2.0:
-    return _sq_f32(x)
-  a = _abs_f32(x)
+    return _sq_acc(x)
+  a = _abs_acc(x)
   if p == 1.0:
     return a
   # 0**p has an infinite slope for p < 1: keep the derivative at 0 finite.
@@ -201,61 +361,94 @@ def _pmax(x: Array, axis_name: AxisName) -> Array:
   return x if axis_name is None else lax.pmax(x, axis_name)
 
 
-def _max_abs(x: Array, axes=None, keepdims=False) -> Array:
-  """max |x| in float32; 0 for an empty array (|x| >= 0, so ``initial`` is neutral)."""
-  return jnp.max(_abs_f32(x), axis=axes, keepdims=keepdims, initial=0.0)
+def stacked_sum(scalars: Sequence[Array], dtype: Any = jnp.float32) -> Array:
+  """Sum of scalars as one stacked reduction, in ``dtype`` (0 for none).
 
-
-def _power_sum(x: Array, p: float, axes=None, keepdims=False) -> Array:
-  return jnp.sum(_power_f32(x, p), axis=axes, keepdims=keepdims)
-
-
-def _two_sums(x: Array, p: float, axes=None, keepdims=False) -> tuple:
-  """``(sum |x|^p, sum |x * 2^-64|^p)`` in float32, as one reduction.
-
-  The plain sum and the overflow-free scaled one (see :func:`overflow_guarded`) are
-  the real and imaginary parts of one complex64 sum, which adds them componentwise:
-  the same float32 sums, in one reduction that reads ``x`` once. Two separate
-  reductions of ``x`` are at XLA:GPU's mercy: for some column reductions (unit
-  norms over axis 0 of a ``[3072, 1024]`` or ``[4096, 1024]`` leaf) it wrote the
-  scaled squares to memory from the first reduction's kernel and read them back in a
-  second, a full extra write and read of the leaf in float32. With the complex sum,
-  AGC's compiled H100 program moves the least traffic its formula allows
-  (``benchmarks/gpu_traffic.py``).
+  One reduction, never a Python chain of ``+``: XLA would copy the whole chain into
+  every consumer's fusion (compile time quadratic in the leaf count).
   """
-  z = jnp.sum(lax.complex(_power_f32(x, p), _power_f32(_abs_f32(x) * _RESCUE_DOWN, p)),
-              axis=axes, keepdims=keepdims)
-  return jnp.real(z), jnp.imag(z)
+  if not scalars:
+    return jnp.zeros((), dtype)
+  return jnp.sum(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
 
 
-def stacked_sum(scalars: Sequence[Array]) -> Array:
-  """Sum of float32 scalars as one reduction (see :func:`tree_max_abs`)."""
-  return jnp.sum(jnp.stack(list(scalars))) if scalars else jnp.zeros((), jnp.float32)
+def stacked_any(flags: Sequence[Array]) -> Array:
+  """``any`` of boolean arrays as one stacked reduction (see :func:`stacked_sum`)."""
+  flags = [jnp.any(f) for f in flags]
+  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
+
+def stacked_max(values: Sequence[Array], dtype: Any = jnp.float32) -> Array:
+  """max over arrays (>= 0 values) as one stacked reduction; 0 for none."""
+  ms = [jnp.max(jnp.asarray(v, dtype), initial=0.0) for v in values]
+  return jnp.max(jnp.stack(ms + [jnp.zeros((), dtype)]))
 
 
 def tree_max_abs(leaves: Sequence[Array], axis_name: AxisName = None) -> Array:
-  """max |x| over all leaves (and devices), float32; 0 for an empty tree."""
-  # One stacked reduction, not a chain of maximums: XLA would otherwise copy the
-  # whole chain into every consumer's fusion (compile time quadratic in leaves).
-  m = jnp.max(jnp.stack([_max_abs(x) for x in leaves] + [jnp.zeros((), jnp.float32)]))
+  """max |x| over all leaves (and devices) in :func:`norm_dtype`; 0 for none."""
+  dtype = norm_dtype(leaves)
+  m = stacked_max([_abs_acc(x) for x in leaves], dtype)
   return _pmax(m, axis_name)
 
 
+def rescue_limits(dtype: Any) -> tuple:
+  """``(low, r)`` of the over/underflow rescue for sums of squares in ``dtype``.
+
+  A sum ``s`` of squares is rescued when ``s = +inf`` (recomputed with every entry
+  times ``r``) or ``s < low`` (times ``1/r``). ``r = 2**-k`` is an exact power of two
+  (``k = 80`` for float32, ``600`` for float64): the largest finite entry times ``r``
+  squares to far below the maximum, and an entry small enough to vanish from the
+  rescued sum adds less than a relative ``1e-25`` to it. ``low = tiny / eps**2``:
+  above it the entries lost to underflow are negligible.
+  """
+  dtype = jnp.dtype(dtype)
+  info = jnp.finfo(dtype)
+  k = 600 if dtype == jnp.float64 else 80
+  low = float(info.tiny) / float(info.eps) ** 2
+  return low, 2.0 ** -k
+
+
+def _rescue_factor(s: Array, p: float) -> tuple:
+  """(needs rescue, factor r) for sums ``s`` of ``|x|^p``, p in (1, 2)."""
+  low, down = rescue_limits(s.dtype)
+  over = jnp.isposinf(s)
+  if p == 1.0:  # a sum of |x| cannot lose entries to underflow that matter
+    return over, jnp.where(over, jnp.asarray(down, s.dtype), jnp.ones((), s.dtype))
+  under = s < low
+  r = jnp.where(over, jnp.asarray(down, s.dtype),
+                jnp.where(under, jnp.asarray(1.0 / down, s.dtype),
+                          jnp.ones((), s.dtype)))
+  return over | under, r
+
+
+def _scaled_sum(x: Array, r: Array, p: float, dtype, axes=None,
+                keepdims=False) -> Array:
+  """sum |x r|^p in ``dtype`` (``r`` an exact power of two; broadcasts)."""
+  return jnp.sum(_power_acc(x.astype(_wide(x, dtype)) * r, p), axis=axes,
+                 keepdims=keepdims)
+
+
+def _wide(x: Array, real_dtype) -> Any:
+  """The dtype ``x`` is promoted to for arithmetic with a ``real_dtype`` scalar."""
+  return jnp.promote_types(acc_dtype(x.dtype), real_dtype)
+
+
 def _scaled_norm(leaves, p, axis_name, power=None, root=None):
-  """The overflow-free Lp norm: every leaf scaled by its own max before powering.
+  """The overflow-free Lp norm for any ``p``: each leaf scaled by its own max.
 
   Leaf ``i`` gives ``m_i = max |x|`` and ``t_i = sum |x / m_i|^p`` (no overflow, as
   every term is <= 1); with ``m = max_i m_i`` the norm is
   ``m * (sum_i (m_i / m)^p t_i)^(1/p)``. Each leaf is scaled by its *own* maximum so
-  that no leaf's reduction depends on all the others: dividing every leaf by one
-  global maximum made XLA's compile time grow quadratically with the leaf count.
+  that no leaf's reduction depends on all the others (dividing every leaf by one
+  global maximum made XLA's compile time grow quadratically with the leaf count).
   ``power``/``root`` default to the static-``p`` kernels; a traced ``p`` passes
   generic ones.
   """
-  power = power or _power_f32
+  power = power or _power_acc
   root = root or safe_root
-  ms = [_max_abs(x) for x in leaves]
-  ts = [jnp.sum(power(_abs_f32(x) / jnp.where(m_i > 0, m_i, 1.0), p))
+  dtype = norm_dtype(leaves)
+  ms = [jnp.max(_abs_acc(x), initial=0.0).astype(dtype) for x in leaves]
+  ts = [jnp.sum(power(_abs_acc(x).astype(dtype) / jnp.where(m_i > 0, m_i, 1.0), p))
         for x, m_i in zip(leaves, ms)]
   ms, ts = jnp.stack(ms), jnp.stack(ts)
   m = _pmax(jnp.max(ms), axis_name)
@@ -279,9 +472,9 @@ def pack_small_leaves(leaves: Sequence[Array]) -> list:
   tree gives the same norm. Packing matters for trees of many small leaves: a
   reduction per leaf is a kernel per leaf, and with 1,000 leaves the clip + adam step
   compiled in 10.7 s and ran in 25 ms, against 6.2 s and 15 ms with the small leaves
-  packed (and 8.6 s / 18.7 ms for ``optax.clip_by_global_norm``; measured on the
-  2-core CPU). Copying the small leaves costs at most ``_PACK_CHUNK`` entries per
-  chunk; leaves above ``_PACK_LEAF`` entries are reduced in place as before.
+  packed (measured on a 2-core CPU). Copying the small leaves costs at most
+  ``_PACK_CHUNK`` entries per chunk; leaves above ``_PACK_LEAF`` entries are reduced
+  in place.
   """
   out, chunks = [], {}
   for x in leaves:
@@ -304,14 +497,17 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
               axis_name: AxisName = None) -> Array:
   """The Lp norm of the concatenation of ``leaves`` (and of every device's slice).
 
-  float32 whatever the leaf dtypes; NaN when an entry is NaN, inf when one is inf.
-  ``axis_name`` sums the per-device partial sums with ``psum`` (``pmax`` for
-  ``p = inf``), for use inside ``shard_map``/``pmap``. Small leaves are reduced
-  together (:func:`pack_small_leaves`).
+  In :func:`norm_dtype` (float32, or float64 if a leaf is 64-bit); NaN when an entry
+  is NaN, inf when one is inf. ``axis_name`` sums the per-device partial sums with
+  ``psum`` (``pmax`` for ``p = inf``), for use inside ``shard_map``/``pmap``. Small
+  leaves are reduced together (:func:`pack_small_leaves`). For ``p`` 1 and 2 the sum
+  is rescued from over- and underflow (module docstring); other ``p`` are always
+  computed in the max-scaled form.
   """
   leaves = pack_small_leaves([jnp.asarray(x) for x in leaves])
+  dtype = norm_dtype(leaves)
   if not leaves:
-    return jnp.zeros((), jnp.float32)
+    return jnp.zeros((), dtype)
   if not is_concrete(p):
     return _tree_norm_traced_p(leaves, p, axis_name)
   if p == math.inf:
@@ -319,79 +515,26 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
   if p not in (1.0, 2.0):
     # |x|^p over- or underflows for moderate x when p is large: always rescale.
     return _scaled_norm(leaves, p, axis_name)
-  # An infinite sum from finite entries is float32 overflow: redo it scaled. (A NaN
-  # sum means a NaN entry; an inf entry comes back as inf from the scaled form.)
-  return overflow_guarded(leaves, *_global_branches(p, _hashable(axis_name)))
+  s = _psum(stacked_sum([jnp.sum(_power_acc(x, p)) for x in leaves], dtype),
+            axis_name)
+  needs, r = _rescue_factor(s, p)
 
+  def rescued(leaves, s, needs, r):
+    t = _psum(stacked_sum([_scaled_sum(x, r, p, dtype) for x in leaves], dtype),
+              axis_name)
+    return jnp.where(needs, safe_root(t, p) / r, safe_root(s, p))
 
-def overflow_guarded(leaves: Sequence[Array], checked, fused):
-  """``checked(leaves)`` on CPU, ``fused(leaves)`` on every other backend.
-
-  Both compute a norm with its float32-overflow rescue. ``checked`` reduces once and
-  reruns the reduction scaled under a ``lax.cond`` only after an overflow: on CPU the
-  extra accumulator of ``fused`` doubles the time of a bfloat16 norm, and the
-  ``cond`` is free. ``fused`` reduces the plain and the scaled sums in the same pass
-  and selects, with no ``cond`` to hand the predicate back to the host. On an H100
-  the standalone clip cost the same either way, and the f32 clip + adam step was
-  1.28-1.32x adam alone with ``fused`` against 1.39-1.40x with the ``cond``
-  (``benchmarks/variants/``). Only the branch of the backend being compiled for is
-  lowered (``lax.platform_dependent``).
-  """
-  return lax.platform_dependent(leaves, cpu=checked, default=fused)
-
-
-def _hashable(x):
-  return tuple(x) if isinstance(x, list) else x
-
-
-# Rescue scaling of the overflow branches: an exact power of two, so ``x * 2**-64`` and
-# the final ``* 2**64`` are exact. A sum of squares only overflows float32 when it
-# exceeds ~3.4e38; the entries whose scaled squares then underflow (|x| < ~2) add
-# less than a relative 1e-29 per entry to it, so one scaled pass recovers the norm
-# without the max pass of :func:`_scaled_norm` (half the code for XLA to compile).
-_RESCUE_DOWN = 2.0 ** -64
-_RESCUE_UP = 2.0 ** 64
-
-
-# The branches of the overflow checks are module-level and cached per static
-# argument: lax.cond then traces them once, also outside jit (closures over the
-# arrays would be traced again at every eager call).
-@functools.lru_cache(maxsize=None)
-def _global_branches(p, axis_name):
-  """(checked, fused) global Lp norms, p in (1, 2); see :func:`overflow_guarded`."""
-
-  def checked(leaves):
-    s = _psum(stacked_sum([_power_sum(x, p) for x in leaves]), axis_name)
-    return lax.cond(jnp.isposinf(s), rescue, plain, leaves, s)
-
-  def fused(leaves):
-    pairs = [_two_sums(x, p) for x in leaves]
-    s = stacked_sum([s for s, _ in pairs])
-    t = stacked_sum([t for _, t in pairs])
-    s, t = _psum(jnp.stack([s, t]), axis_name)
-    return jnp.where(jnp.isposinf(s), _RESCUE_UP * safe_root(t, p), safe_root(s, p))
-
-  def rescue(leaves, s):
-    # Runs only after an overflow: the sum again with every entry scaled by an exact
-    # power of two (see _RESCUE_DOWN), over one flat copy of the tree. One reduction
-    # keeps this branch cheap for XLA to compile: with 1,000 leaves, a reduction per
-    # leaf here compiled 30% slower (18 s against 14 s, measured with the clip + adam
-    # step of benchmarks/run.py on a busy 2-core CPU), and the flat form's one scan
-    # replaces the max pass of _scaled_norm.
-    del s
-    flat = jnp.concatenate([jnp.ravel(_abs_f32(x) * _RESCUE_DOWN) for x in leaves])
-    return _RESCUE_UP * safe_root(_psum(_power_sum(flat, p), axis_name), p)
-
-  def plain(leaves, s):
-    del leaves
+  def plain(leaves, s, needs, r):
+    del leaves, needs, r
     return safe_root(s, p)
 
-  return checked, fused
+  return _tuning.overflow_cond(needs, rescued, plain, leaves, s, needs, r)
 
 
 def _tree_norm_traced_p(leaves, p, axis_name):
   """:func:`tree_norm` for a ``p`` known only at run time: one branch runs."""
-  p = jnp.asarray(p, jnp.float32)
+  dtype = norm_dtype(leaves)
+  p = jnp.asarray(p, dtype)
   index = jnp.select([p == 2, p == 1, jnp.isposinf(p)], [0, 1, 2], 3)
   branches = [lambda: tree_norm(leaves, 2.0, axis_name),
               lambda: tree_norm(leaves, 1.0, axis_name),
@@ -414,32 +557,18 @@ def _scaled_norm_p(leaves, p, axis_name):
   return _scaled_norm(leaves, p, axis_name, power, root)
 
 
-def _normalize_axes(axes: Any, ndim: int) -> Optional[tuple]:
-  """``axes`` as a sorted tuple of non-negative ints, or None for all axes."""
-  if axes is None:
-    return None
-  axes = (axes,) if isinstance(axes, (numbers.Integral, np.integer)) else axes
-  out = []
-  for a in axes:
-    a = int(a)
-    if not -ndim <= a < ndim:
-      raise ValueError(f"axis {a} is out of range for a leaf of rank {ndim}")
-    out.append(a % ndim)
-  return tuple(sorted(set(out)))
-
-
 class LeafGroups:
   """The leaves of a tree batched by shape, dtype and reduction axes.
 
   The per-leaf rules (:func:`gradclip_jax.clip_by_norm`, AGC, AdaGC) compute a norm
   and a scale per leaf. Done leaf by leaf, a tree of many small leaves becomes a
   reduction kernel and a scale kernel per leaf, and XLA's compile time grows faster
-  than the leaf count: with 1,000 leaves a clip_by_norm + adam step took 38 s to
-  compile and adaptive_grad_clip + adam 297 s (benchmarks/clip_overhead.py on the
-  2-core CPU). Instead, the small leaves of one shape, dtype and reduction axes are
-  stacked into one array (a cheap copy: at most ``_PACK_LEAF`` entries per leaf),
-  the norms and scales are computed once per group, and only the final multiply is
-  per leaf. A large leaf is a group of its own (``x[None]``, no copy).
+  than the leaf count (1,000 leaves: a clip_by_norm + adam step took 38 s to compile
+  and adaptive_grad_clip + adam 297 s on a 2-core CPU). Instead, the small leaves of
+  one shape, dtype and reduction axes are stacked into one array (a cheap copy: at
+  most ``_PACK_LEAF`` entries per leaf), the norms and scales are computed once per
+  group, and only the final multiply is per leaf. A large leaf is a group of its own
+  (``x[None]``, no copy).
 
   Group ``j`` holds the leaves ``members[j]``; arrays "per group" have a leading
   axis of ``len(members[j])``.
@@ -452,7 +581,7 @@ class LeafGroups:
     self.members, self._axes, self._ndims = [], [], []
     index = {}
     for i, (x, a) in enumerate(zip(leaves, axes)):
-      a = _normalize_axes(a, x.ndim)
+      a = unit_axes(a, x.ndim)
       key = (x.shape, jnp.dtype(x.dtype), a)
       if x.size <= _PACK_LEAF and key in index:
         self.members[index[key]].append(i)
@@ -483,169 +612,98 @@ class LeafGroups:
     return out
 
   def norms(self, stacked: Sequence[Array]) -> list:
-    """L2 norm of every leaf of every group (keepdims), float32; see leaf_norms."""
+    """L2 norm of every leaf (or unit) of every group, keepdims, rescued.
+
+    Each group's norms are in its leaves' real accumulation dtype. One rescue
+    decision covers every group (see :func:`gradclip_jax._tuning.overflow_cond`).
+    """
     stacked = list(stacked)
     if not stacked:
       return []
-    axes = tuple(self.reduce_axes(j) for j in range(len(stacked)))
-    return overflow_guarded(stacked, *_leaf_branches(axes))
+    axes = [self.reduce_axes(j) for j in range(len(stacked))]
+    sums = [jnp.sum(_sq_acc(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
+    checks = [_rescue_factor(s, 2.0) for s in sums]
+
+    def rescued(stacked, sums, checks):
+      out = []
+      for x, a, s, (needs, r) in zip(stacked, axes, sums, checks):
+        t = _scaled_sum(x, r, 2.0, s.dtype, a, keepdims=True)
+        out.append(jnp.where(needs, safe_root(t, 2.0) / r, safe_root(s, 2.0)))
+      return out
+
+    def plain(stacked, sums, checks):
+      del stacked, checks
+      return [safe_root(s, 2.0) for s in sums]
+
+    return _tuning.overflow_cond(stacked_any([n for n, _ in checks]), rescued, plain,
+                                 stacked, sums, checks)
 
   def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
-    """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``.
-
-    The group scales pass the barrier whole and are sliced after it, where XLA:GPU
-    fuses each leaf's slice into that leaf's multiply. Sliced before the barrier,
-    every slice was a kernel of its own on the GPU (1,000 leaves: 1,000 more
-    launches, ``benchmarks/gpu_traffic.py``); XLA:CPU compiles the same kernels
-    either way. Known cost on CPU: the slice index makes every leaf's kernel unique,
-    and XLA:CPU compiles unique kernels one by one (~8 ms each).
-    """
+    """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``."""
     return scale_leaves(leaves, scales, split=self.unstack)
 
 
 def leaf_norms(leaves: Sequence[Array], axes: Sequence[Any]) -> list:
-  """L2 norm of each leaf over its ``axes`` (all axes when None), keepdims, float32.
+  """L2 norm of each leaf over its ``axes`` (all axes when None), keepdims.
 
-  ``axes`` holds one entry per leaf. Computed per :class:`LeafGroups` group, with one
-  overflow check for all leaves: on CPU, if any sum of squares is infinite, every
-  group is recomputed in scaled form under a single ``lax.cond``, so compile time does
-  not grow with a ``cond`` per leaf (elsewhere see :func:`overflow_guarded`).
+  ``axes`` holds one entry per leaf; each norm is in its leaf's real accumulation
+  dtype (:func:`real_acc_dtype`). Computed per :class:`LeafGroups` group.
   """
   groups = LeafGroups(leaves, axes)
   return groups.unstack(groups.norms(groups.stack(list(leaves))))
 
 
-@functools.lru_cache(maxsize=None)
-def _leaf_branches(axes):
-  """(checked, fused) per-leaf L2 norms of stacked groups; see :func:`overflow_guarded`."""
-
-  def sums_of(leaves):
-    return [jnp.sum(_sq_f32(x), axis=a, keepdims=True) for x, a in zip(leaves, axes)]
-
-  def scaled_sums_of(leaves):
-    return [jnp.sum(_sq_f32(_abs_f32(x) * _RESCUE_DOWN), axis=a, keepdims=True)
-            for x, a in zip(leaves, axes)]
-
-  def select(sums, scaled):
-    return [jnp.where(jnp.isposinf(s), _RESCUE_UP * safe_root(t, 2.0), safe_root(s, 2.0))
-            for s, t in zip(sums, scaled)]
-
-  def checked(leaves):
-    sums = sums_of(leaves)
-    overflow = stacked_any([jnp.isposinf(s) for s in sums])
-    return lax.cond(overflow, rescue, plain, leaves, sums)
-
-  def fused(leaves):
-    pairs = [_two_sums(x, 2.0, a, keepdims=True) for x, a in zip(leaves, axes)]
-    return select([s for s, _ in pairs], [t for _, t in pairs])
-
-  def rescue(leaves, sums):
-    return select(sums, scaled_sums_of(leaves))
-
-  def plain(leaves, sums):
-    del leaves
-    return [safe_root(s, 2.0) for s in sums]
-
-  return checked, fused
-
-
 def leaf_norm(x: Array, axes=None) -> Array:
-  """L2 norm of one leaf over ``axes`` (see :func:`leaf_norms`), keepdims, float32."""
+  """L2 norm of one leaf over ``axes`` (see :func:`leaf_norms`), keepdims."""
   return leaf_norms([x], [axes])[0]
 
 
 def clip_scale(norm: Array, max_norm: Any) -> Array:
-  """``min(1, max_norm / norm)`` in float32, defined for every input.
+  """``min(1, max_norm / norm)`` in ``norm``'s dtype, defined for every input.
 
   1 when ``norm <= max_norm`` (zero gradients with ``max_norm = 0``, an infinite
   norm under ``max_norm = inf``), ``max_norm / norm`` when ``norm > max_norm``, NaN
   when ``norm`` is NaN. The division only ever sees ``norm > 0``, so the derivative
-  with respect to both the gradients and ``max_norm`` is finite.
+  with respect to both the gradients and ``max_norm`` is finite. A negative (traced)
+  ``max_norm`` counts as 0.
   """
-  max_norm = jnp.maximum(jnp.asarray(max_norm, jnp.float32), 0.0)
+  norm = jnp.asarray(norm)
+  max_norm = jnp.maximum(jnp.asarray(max_norm, norm.dtype), 0.0)
   clipped = norm > max_norm
   denom = jnp.where(clipped, norm, 1.0)
   scale = jnp.where(clipped, max_norm / denom, 1.0)
-  return jnp.where(jnp.isnan(norm), jnp.nan, scale).astype(jnp.float32)
+  return jnp.where(jnp.isnan(norm), jnp.nan, scale).astype(norm.dtype)
 
 
 def apply_scale(x: Array, scale: Array) -> Array:
-  """``x * scale`` computed in float32 (complex64), returned in ``x``'s dtype.
+  """``x * scale`` computed in the accumulation dtype, returned in ``x``'s dtype.
 
   Written as ``where(scale != 1, x * scale, x)``: entries whose scale is exactly 1
-  are passed through untouched, and when no clipping happens at all XLA's select on
-  a donated buffer costs almost nothing (about 3x faster than a multiply by 1 on
-  CPU, measured in benchmarks/run.py). A NaN scale still reaches every entry.
+  are passed through untouched (bit for bit the same as multiplying by 1), and when
+  no clipping happens XLA's select on a donated buffer costs less than a multiply. A
+  NaN scale still reaches every entry.
   """
-  wide = jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
+  scale = jnp.asarray(scale)
+  wide = _wide(x, scale.dtype)
   return jnp.where(scale != 1, (x.astype(wide) * scale).astype(x.dtype), x)
 
 
 def scale_leaves(leaves: Sequence[Array], scales: Any, split=None) -> list:
   """``[apply_scale(x, s) ...]`` for one scale per leaf (or one ``scales`` for all).
 
-  ``split``, if given, turns ``scales`` into the per-leaf scales after the barrier
-  (:meth:`LeafGroups.scale`).
-
-  The scales and the leaves pass through one ``lax.optimization_barrier`` first, so
-  the multiply cannot be fused with the reductions that produced the scales. XLA's
-  CPU backend otherwise materialises a float32 copy of every low-precision leaf for
-  the norm's reduction (a bfloat16 clip became ~10x slower: 48 ms instead of 4.7 ms
-  for 25M entries, measured with ``benchmarks/clip_overhead.py``); on GPU/TPU the
-  barrier changes nothing, as the reduction is a kernel of its own there anyway.
+  ``split``, if given, turns ``scales`` into the per-leaf scales (used by
+  :meth:`LeafGroups.scale`). The backend tuning may route the scales and leaves
+  through an optimization barrier first (:func:`gradclip_jax._tuning.scale_barrier`).
   """
   leaves = list(leaves)
   if not leaves:
     return []
   if not isinstance(scales, (list, tuple)):
     scales = [scales] * len(leaves)
-  scales, leaves = lax.optimization_barrier((list(scales), leaves))
+  scales, leaves = _tuning.scale_barrier(list(scales), leaves)
   if split is not None:
     scales = split(scales)
-  return [apply_scale(x, s) for x, s in zip(leaves, computed_once(scales))]
-
-
-def never(leaf: Array) -> Array:
-  """A run-time False that XLA cannot fold: one entry's bit count exceeds its width."""
-  x = jnp.real(leaf.reshape(-1)[0])
-  bits = x.dtype.itemsize * 8
-  word = lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
-  return lax.population_count(word) > bits
-
-
-def computed_once(values: Sequence[Array]) -> list:
-  """``values`` unchanged; on CPU the non-scalar ones are computed into buffers first.
-
-  XLA fuses the elementwise chain that turns norms into scales (the compares and
-  selects of :func:`clip_scale`) into every consumer. A scalar chain is hoisted out
-  of the consumer's loop, but a per-unit scale vector (AGC, ``clip_by_norm`` with
-  ``axes``) was recomputed for every entry of its leaf, in each Adam moment's kernel.
-  The outputs of a conditional are buffers, so the non-scalar values go through one
-  ``lax.cond`` whose predicate is :func:`never` (False at run time, and XLA cannot
-  fold it); its other branch, never taken, would return NaN. One conditional serves
-  every leaf: a conditional per leaf would grow the compile time. Other backends have
-  the compute to spare and would pay the conditional's host round trip: unchanged.
-  """
-  values = list(values)
-  picked = [i for i, v in enumerate(values) if jnp.size(v) > 1]
-  if not picked:
-    return values
-
-  def cpu(vs):
-    return lax.cond(never(vs[0]), lambda v: [jnp.full_like(x, jnp.nan) for x in v],
-                    lambda v: list(v), vs)
-
-  done = lax.platform_dependent([values[i] for i in picked], cpu=cpu,
-                                default=lambda vs: list(vs))
-  for i, v in zip(picked, done):
-    values[i] = v
-  return values
-
-
-def stacked_any(flags: Sequence[Array]) -> Array:
-  """``any`` of boolean arrays as one stacked reduction (see :func:`stacked_sum`)."""
-  flags = [jnp.any(f) for f in flags]
-  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+  return [apply_scale(x, s) for x, s in zip(leaves, _tuning.unit_scales_once(scales))]
 
 
 def leaves_of(tree: Any) -> list:

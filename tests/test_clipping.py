@@ -192,27 +192,28 @@ class ClipByValueTest(chex.TestCase):
     np.testing.assert_array_equal(out["b"], [-2.0, 3.0])
 
 
-class ClipByValueAcceleratorFormTest(ClipByValueTest):
-  """The same tests with the GPU/TPU form of the clip (``_value_clip_fused``) forced."""
+class ClipByValuePlainFormTest(ClipByValueTest):
+  """The same tests with the backend tuning off: the plain ``jnp.clip`` form, which is
+  also what GPU/TPU run (the CPU in-range test form is ``value_clip_tested``)."""
 
   def setUp(self):
     super().setUp()
-    self._saved = gc._clipping._value_clip
-    gc._clipping._value_clip = gc._clipping._value_clip_fused
+    self._tuning = gc.config.backend_tuning_set(False)
+    self._tuning.__enter__()
     jax.clear_caches()
 
   def tearDown(self):
-    gc._clipping._value_clip = self._saved
+    self._tuning.__exit__(None, None, None)
     jax.clear_caches()
     super().tearDown()
 
-  def test_the_form_is_forced(self):
-    # Guards the test above against a rename: the fused form clips unconditionally.
-    self.assertIs(gc._clipping._value_clip, gc._clipping._value_clip_fused)
-    out, hits = gc._clipping._value_clip([jnp.array([0.5, jnp.inf, -jnp.inf])],
-                                         [(jnp.float32(-1.0), jnp.float32(1.0))])
-    np.testing.assert_array_equal(out[0], [0.5, 1.0, -1.0])
-    self.assertTrue(bool(hits[0]))
+  def test_infinite_entries_are_clipped_and_counted(self):
+    self.assertFalse(gc.config.backend_tuning("value_clip_tested"))
+    tx = gc.clip_by_value(-1.0, 1.0)
+    g = {"a": jnp.array([0.5, jnp.inf, -jnp.inf])}
+    out, state = tx.update(g, tx.init(g))
+    np.testing.assert_array_equal(out["a"], [0.5, 1.0, -1.0])
+    self.assertEqual(int(state.num_clipped), 1)
 
 
 # ------------------------------------------------------------------------ bad input
