@@ -25,9 +25,12 @@ from gradclip_jax import _norms
 
 
 class PerExampleClipState(NamedTuple):
-  """State of :func:`per_example_clip` (read with ``optax.tree_utils.tree_get``)."""
-  mean_example_norm: jax.Array  # f32: mean per-example norm (finite examples).
-  max_example_norm: jax.Array   # f32: largest finite per-example norm.
+  """State of :func:`per_example_clip` (read with ``optax.tree_utils.tree_get``).
+
+  The norms are float32, or float64 when ``init`` was given float64 parameters.
+  """
+  mean_example_norm: jax.Array  # mean per-example norm (finite examples).
+  max_example_norm: jax.Array   # largest finite per-example norm.
   fraction_clipped: jax.Array   # f32: fraction of the B examples with norm > max_norm.
   num_nonfinite: jax.Array      # int32: examples this step whose norm was NaN/inf.
   num_clipped: jax.Array        # int32: steps in which some example was clipped.
@@ -62,18 +65,15 @@ def _acc_dtype(dtype) -> Any:
 def _leaf_example_norms(g: jax.Array) -> jax.Array:
   """L2 norm of each example ``g[b]`` of one leaf, ``[B]``.
 
-  16/32-bit leaves use the float32 kernel of :mod:`gradclip_jax._norms` (with its
-  overflow rescue); float64 leaves are reduced in float64.
+  The kernel of :mod:`gradclip_jax._norms` (float32 for 16/32-bit leaves, float64 for
+  float64 ones, with its over/underflow rescue).
   """
   b = g.shape[0]
-  if _real_acc_dtype(g.dtype) == jnp.float64:
-    x = jnp.abs(g) if jnp.iscomplexobj(g) else g
-    x = x.astype(jnp.float64)
-    return jnp.sqrt(jnp.sum(jnp.square(x).reshape(b, -1), axis=1))
   axes = tuple(range(1, g.ndim))
   if not axes:
-    return jnp.abs(g.astype(_acc_dtype(g.dtype))).astype(jnp.float32)
-  return _norms.leaf_norm(g, axes).reshape(b).astype(jnp.float32)
+    return jnp.abs(g.astype(_acc_dtype(g.dtype))).astype(_real_acc_dtype(g.dtype))
+  n = _norms.leaf_norm(g, axes).reshape(b)
+  return n.astype(jnp.promote_types(n.dtype, _real_acc_dtype(g.dtype)))
 
 
 def _combine_norms(norms: list) -> jax.Array:
@@ -114,8 +114,8 @@ def _clip_scale(norms: jax.Array, max_norm: Any) -> jax.Array:
 def clip_stats(norms: jax.Array, max_norm: Any):
   """Scale per example (0 for non-finite norms) and the logged statistics.
 
-  The scale has the dtype of ``norms``; the statistics are float32 / int32 (the
-  dtypes of :class:`PerExampleClipState`).
+  The scale and the norm statistics have the dtype of ``norms`` (the counts are
+  int32, ``fraction_clipped`` float32).
   """
   if not jnp.issubdtype(norms.dtype, jnp.floating):
     norms = norms.astype(jnp.float32)
@@ -126,8 +126,8 @@ def clip_stats(norms: jax.Array, max_norm: Any):
   fin_norms = jnp.where(finite, norms, 0.0)
   b = max(norms.shape[0], 1)
   stats = dict(
-      mean_example_norm=(jnp.sum(fin_norms) / jnp.maximum(n_fin, 1)).astype(jnp.float32),
-      max_example_norm=jnp.max(fin_norms, initial=0.0).astype(jnp.float32),
+      mean_example_norm=jnp.sum(fin_norms) / jnp.maximum(n_fin, 1).astype(norms.dtype),
+      max_example_norm=jnp.max(fin_norms, initial=0.0),
       fraction_clipped=jnp.sum(clipped).astype(jnp.float32) / b,
       num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
       any_clipped=jnp.any(clipped),
@@ -258,8 +258,11 @@ def per_example_clip(max_norm: Any, *, per_layer: bool = False
     raise TypeError("per_example_clip takes one scalar max_norm unless per_layer=True")
 
   def init_fn(params):
-    del params
-    return PerExampleClipState(_zeros_f32(), _zeros_f32(), _zeros_f32(),
+    dtypes = [_real_acc_dtype(x.dtype) for x in jax.tree.leaves(params)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    dt = jnp.result_type(float) if jnp.float64 in dtypes else jnp.float32  # f32 w/o x64
+    zero = jnp.zeros((), dt)
+    return PerExampleClipState(zero, zero, _zeros_f32(),
                                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -289,9 +292,10 @@ def per_example_clip(max_norm: Any, *, per_layer: bool = False
       clipped = clipped & all_finite
       stats["any_clipped"] = jnp.any(clipped)
       stats["fraction_clipped"] = jnp.sum(clipped).astype(jnp.float32) / max(b, 1)
+    dt = state.mean_example_norm.dtype  # the state keeps init's dtypes
     return out, PerExampleClipState(
-        mean_example_norm=stats["mean_example_norm"],
-        max_example_norm=stats["max_example_norm"],
+        mean_example_norm=stats["mean_example_norm"].astype(dt),
+        max_example_norm=stats["max_example_norm"].astype(dt),
         fraction_clipped=stats["fraction_clipped"],
         num_nonfinite=stats["num_nonfinite"],
         num_clipped=state.num_clipped + stats["any_clipped"].astype(jnp.int32))
