@@ -126,39 +126,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   timeout = 30  # a stuck connection cannot hang the test
 
   def do_GET(self):  # noqa: N802 (the http.server name)
+    """Serves ``files``; a path prefix changes how (see the cases below)."""
     files = self.server.files  # type: ignore[attr-defined]
     self.server.requests.append(self.path)  # type: ignore[attr-defined]
-    cut = self.path.startswith("/cut-connection/")
-    path = "/ptb/simple-examples.tgz" if cut else self.path
+    mode, _, rest = self.path.partition("/mode-")
+    mode, path = (rest.split("/", 1)[0], "/" + rest.split("/", 1)[1]) if rest else ("", mode)
     if path not in files:
       self.send_error(404, "Not Found")
       return
     data = files[path]
     self.send_response(200)
     self.send_header("Content-Type", "application/octet-stream")
-    self.send_header("Content-Length", str(len(data)))  # the full length, also when cut
+    if mode != "no-length":  # no-length: the body ends when the connection closes
+      self.send_header("Content-Length", str(len(data)))  # the full length, also when cut
     self.end_headers()
-    self.wfile.write(data[:len(data) // 3] if cut else data)
+    if mode == "cut":  # a third of the body, then the connection closes
+      self.wfile.write(data[:len(data) // 3])
+    elif mode == "stall":  # the headers, then silence
+      self.server.release.wait(timeout=10)  # type: ignore[attr-defined]
+    else:
+      self.wfile.write(data)
     self.wfile.flush()
-    if cut:
-      self.close_connection = True
 
   def log_message(self, *args):  # keep the test output clean
     pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+
+  def handle_error(self, request, client_address):
+    """A client that hangs up early (the Ctrl-C and time-out tests) is expected here."""
+
+
 @pytest.fixture(scope="module")
 def server(archives):
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  httpd = _Server(("127.0.0.1", 0), _Handler)
   httpd.files = archives  # type: ignore[attr-defined]
   httpd.requests = []  # type: ignore[attr-defined]
-  httpd.daemon_threads = True
+  httpd.release = threading.Event()  # type: ignore[attr-defined]
   thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                             daemon=True)
   thread.start()
   try:
     yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
   finally:
+    httpd.release.set()  # type: ignore[attr-defined]
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=10)
@@ -241,14 +254,15 @@ def fast_tmp(tmp_path):
 
 
 def test_imdb_fetch_skips_unlabelled_and_loads_25k_25k(server, shared_data_dir, fast_tmp,
-                                                      capsys):
+                                                      capsys, monkeypatch):
   url, _ = server
   target = fast_tmp / "imdb"
   assert _run(["imdb", str(target), "--url", f"{url}/imdb/aclImdb_v1.tar.gz",
                "--no-progress"]) == 0
   assert capsys.readouterr().err == ""  # --no-progress: nothing on stderr
   root = target / "aclImdb"
-  assert sorted(p.name for p in root.iterdir()) == ["README", "test", "train"]
+  assert sorted(p.name for p in target.iterdir()) == ["aclImdb"]
+  assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
   for split in ("train", "test"):
     assert sorted(p.name for p in (root / split).iterdir()) == ["neg", "pos"]
   # Every review is the shared tarball's, byte for byte (and nothing else was unpacked).
@@ -261,11 +275,15 @@ def test_imdb_fetch_skips_unlabelled_and_loads_25k_25k(server, shared_data_dir, 
   got = {str(p.relative_to(target)): hashlib.sha256(p.read_bytes()).hexdigest()
          for p in root.glob("*/*/*.txt")}
   assert len(expected) == 50_000 and got == expected
+  # The real loader reads the folder; its tokenizer (irrelevant here, and most of the time)
+  # is replaced by a whitespace split, so the total is the shared README's word count.
   assert classify_input.find_imdb_source(target) == root
+  monkeypatch.setattr(classify_input, "tokenize", str.split)
   corpus = classify_input.read_imdb(target)
   assert int(corpus.is_test.sum()) == 25_000 and int((~corpus.is_test).sum()) == 25_000
   assert int(corpus.labels[~corpus.is_test].sum()) == 12_500
   assert int(corpus.labels[corpus.is_test].sum()) == 12_500
+  assert len(corpus.ids) == 2_958_832 + 2_885_848 + 2_862_401 + 2_850_766
 
 
 def test_local_archive_path_as_url(server, archives, tmp_path):
@@ -285,7 +303,7 @@ def test_local_archive_path_as_url(server, archives, tmp_path):
 
 @pytest.mark.parametrize("dataset,path,message", [
     ("ptb", "/bad/flipped-byte.tgz", "ptb.valid.txt does not match the published file: sha256"),
-    ("ptb", "/cut-connection/simple-examples.tgz", "is truncated"),
+    ("ptb", "/mode-cut/ptb/simple-examples.tgz", "is truncated"),
     ("ptb", "/bad/truncated-file.tgz", "not a readable tar archive"),
     ("mr", "/bad/wrong-member.tgz", "lacks rt-polaritydata/rt-polarity.pos"),
     ("mr", "/bad/ptb-as-mr.tgz", "lacks rt-polaritydata/rt-polarity.pos"),
@@ -309,6 +327,38 @@ def test_bad_archive_is_refused_and_nothing_is_left(server, tmp_path, capsys, da
   assert "Traceback" not in err
   assert _listing(tmp_path) == before
   assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_download_without_a_length(server, plain, tmp_path, capsys):
+  url, _ = server
+  target = tmp_path / "mr"
+  data_fetch.fetch("mr", target, url=f"{url}/mode-no-length/mr/rt-polaritydata.tar.gz")
+  assert (target / "rt-polarity.neg").read_bytes() == plain["rt-polarity.neg"]
+  err = capsys.readouterr().err
+  assert "rt-polaritydata.tar.gz: 0." in err and "MB/s in" in err and "%" not in err
+
+
+def test_stalled_download_times_out(server, tmp_path, monkeypatch, capsys):
+  url, _ = server
+  monkeypatch.setattr(data_fetch, "_TIMEOUT_S", 0.5)
+  assert _run(["mr", str(tmp_path / "mr"), "--url",
+               f"{url}/mode-stall/mr/rt-polaritydata.tar.gz"]) == 2
+  err = capsys.readouterr().err
+  assert "was interrupted after 0 bytes: timed out" in err, err
+  assert _listing(tmp_path) == []
+
+
+def test_ctrl_c_during_the_download_leaves_nothing(server, tmp_path, monkeypatch, capsys):
+  url, _ = server
+
+  def interrupt(self, n):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(data_fetch._Progress, "update", interrupt)  # pylint: disable=protected-access
+  assert _run(["ptb", str(tmp_path / "new" / "ptb"), "--url",
+               f"{url}/ptb/simple-examples.tgz"]) == 130
+  assert "interrupted; nothing was written" in capsys.readouterr().err
+  assert _listing(tmp_path) == []
 
 
 def test_missing_parents_are_removed_again_after_a_failure(server, tmp_path):

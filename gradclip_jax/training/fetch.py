@@ -11,9 +11,8 @@ against the published contents, and only the files the loaders read are unpacked
   The Penn Treebank"; preprocessing: Mikolov et al. (2010), "Recurrent neural network based
   language model".
 * ``imdb``: the Large Movie Review Dataset v1.0, ``aclImdb_v1.tar.gz``; its labelled reviews
-  ``aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt`` (and ``aclImdb/README``) become
-  ``DIR/aclImdb/...``; the unlabelled ``train/unsup/`` reviews and the ``*.feat`` files are
-  skipped. Data: Maas et al. (2011), "Learning Word Vectors for Sentiment Analysis".
+  ``aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt`` become ``DIR/aclImdb/...``; the
+  unlabelled ``train/unsup/`` reviews, the ``*.feat`` files and the rest are skipped. Data: Maas et al. (2011), "Learning Word Vectors for Sentiment Analysis".
 * ``mr``: the sentence polarity data set v1.0, ``rt-polaritydata.tar.gz``; its
   ``rt-polaritydata/rt-polarity.{pos,neg}`` become ``DIR/rt-polarity.{pos,neg}`` (Latin-1
   text). Data: Pang & Lee (2005), "Seeing stars: Exploiting class relationships for sentiment
@@ -136,7 +135,6 @@ _IMDB_WORDS = {("train", "pos"): 2_958_832, ("train", "neg"): 2_885_848,
                ("test", "pos"): 2_862_401, ("test", "neg"): 2_850_766}
 _IMDB_RATINGS = {"pos": range(7, 11), "neg": range(1, 5)}
 _IMDB_REVIEW_RE = re.compile(r"^(?:[^/]+/)?(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
-_IMDB_EXTRAS = {"aclImdb/README": "aclImdb/README"}
 _IMDB_MAX_MEMBER = 1 << 20  # the longest review has ~14 kB; anything near 1 MiB is not one
 
 
@@ -215,36 +213,44 @@ def _as_url(url_or_path: str) -> str:
 
 
 def _download(url: str, dest: pathlib.Path, *, label: str, stream: IO[str] | None) -> int:
-  """Streams ``url`` into ``dest``; returns the number of bytes. ``stream=None``: no bar."""
+  """Streams ``url`` into ``dest``; returns the number of bytes. ``stream=None``: no bar.
+
+  Network failures raise FetchError; a failure to write ``dest`` stays an OSError.
+  """
   request = urllib.request.Request(url, headers={"User-Agent": "gradclip_jax-data-fetch"})
   done = 0
-  total = None
   with open(dest, "wb") as out:
     try:
-      with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        bar = _Progress(label, total, stream) if stream is not None else None
-        while True:
-          chunk = response.read(_CHUNK)
-          if not chunk:
-            break
-          out.write(chunk)
-          done += len(chunk)
-          if bar is not None:
-            bar.update(len(chunk))
-        if bar is not None:
-          bar.close()
+      response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
     except urllib.error.HTTPError as e:
       raise FetchError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
       raise FetchError(f"cannot download {url}: {e.reason}") from e
-    except http.client.IncompleteRead as e:
-      raise FetchError(f"download of {url} is truncated: the server closed the connection "
-                       f"after {done + len(e.partial):,} of {total or '?':,} bytes") from e
-    except (http.client.HTTPException, TimeoutError, ConnectionError) as e:
-      raise FetchError(f"download of {url} was interrupted after {done:,} bytes: "
-                       f"{e or type(e).__name__}") from e
+    except (http.client.HTTPException, OSError, ValueError) as e:
+      raise FetchError(f"cannot download {url}: {e or type(e).__name__}") from e
+    with response:
+      length = response.headers.get("Content-Length")
+      total = int(length) if length and length.isdigit() else None
+      bar = _Progress(label, total, stream) if stream is not None else None
+      while True:
+        try:
+          chunk = response.read(_CHUNK)
+        except http.client.IncompleteRead as e:
+          got = done + len(e.partial)
+          of = f" of {total:,}" if total is not None else ""
+          raise FetchError(f"download of {url} is truncated: the connection closed after "
+                           f"{got:,}{of} bytes") from e
+        except (http.client.HTTPException, OSError) as e:
+          raise FetchError(f"download of {url} was interrupted after {done:,} bytes: "
+                           f"{e or type(e).__name__}") from e
+        if not chunk:
+          break
+        out.write(chunk)
+        done += len(chunk)
+        if bar is not None:
+          bar.update(len(chunk))
+      if bar is not None:
+        bar.close()
   if total is not None and done != total:
     raise FetchError(f"download of {url} is truncated: got {done:,} of {total:,} bytes")
   if done == 0:
@@ -378,7 +384,7 @@ def _unpack_files(archive: _Archive, files: tuple[_File, ...], out: pathlib.Path
 
 
 def _unpack_imdb(archive: _Archive, out: pathlib.Path) -> None:
-  """Unpacks and verifies the labelled aclImdb reviews (and the README)."""
+  """Unpacks and verifies the labelled aclImdb reviews, the only files the loader reads."""
   ids = {key: set() for key in _IMDB_WORDS}
   words = dict.fromkeys(_IMDB_WORDS, 0)
   folders = {key: os.path.join(out, "aclImdb", *key) for key in _IMDB_WORDS}
@@ -386,17 +392,13 @@ def _unpack_imdb(archive: _Archive, out: pathlib.Path) -> None:
     os.makedirs(folder)
   for name, member in archive:
     m = _IMDB_REVIEW_RE.match(name)
-    extra = _IMDB_EXTRAS.get(name)
-    if m is None and extra is None:
+    if m is None:
       continue
     _regular(member, name, archive.label)
     if member.size > _IMDB_MAX_MEMBER:
       raise FetchError(f"{archive.label}: {name} has {member.size:,} bytes, far more than "
                        "any review; not the expected archive")
     data = archive.read(member)
-    if extra is not None:
-      (out / extra).write_bytes(data)
-      continue
     split, label, review_id, rating = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
     key = (split, label)
     if review_id in ids[key]:
