@@ -6,8 +6,8 @@ per-example loss (by ``vmap`` or by ghost norms for ``flax.linen`` models);
 ``gradclip_jax.dp.accounting`` wraps the ``dp-accounting`` package (imported lazily).
 """
 
-from gradclip_jax.dp._ghost import clipped_grad
-from gradclip_jax.dp._ghost import ghost_coverage
+from gradclip_jax.dp._clipped_grad import clipped_grad
+from gradclip_jax.dp._clipped_grad import ghost_coverage
 from gradclip_jax.dp._per_example import AddNoiseState
 from gradclip_jax.dp._per_example import PerExampleClipState
 from gradclip_jax.dp._per_example import add_noise

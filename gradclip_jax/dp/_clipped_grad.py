@@ -1,0 +1,465 @@
+"""``clipped_grad`` and ``ghost_coverage`` on top of the traced program and the rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from gradclip_jax import _norms
+from gradclip_jax.dp import _per_example
+from gradclip_jax.dp import _trace
+from gradclip_jax.dp._rules import RULES
+from gradclip_jax.dp._rules import _common as cm
+
+METHODS = ("auto", "vmap", "ghost")
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _batch_size(batch) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("clipped_grad needs at least one batch argument with a leading "
+                     "batch axis")
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(f"every leaf of the batch arguments must have the same leading "
+                     f"batch axis; got leading sizes {sorted(map(str, sizes))}")
+  return sizes.pop()
+
+
+def _split_out(out, has_aux):
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError("with has_aux=True, loss_fn must return (losses, aux)")
+    return out
+  return out, None
+
+
+def _check_losses(losses, b):
+  if jnp.shape(losses) != (b,):
+    raise ValueError(
+        f"loss_fn must return a vector of per-example losses of shape ({b},), got "
+        f"shape {jnp.shape(losses)}; do not average over the batch inside loss_fn "
+        "(use normalize_by=B instead)")
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _key_names(path) -> str:
+  out = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(str(k.name))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(str(k.idx))
+    else:
+      out.append(str(k))
+  return "/".join(out)
+
+
+# ------------------------------------------------------------------- vmap method
+
+
+def _vmap_core(loss_fn, has_aux, max_norm, params, batch):
+  """(f32 clipped sum, norms [B], finite [B]) by vmap(grad) over examples."""
+
+  def per_ex(p, *ex):
+    ex1 = jax.tree.map(lambda x: x[None], ex)
+    losses, _ = _split_out(loss_fn(p, *ex1), has_aux)
+    if jnp.shape(losses) != (1,):
+      raise ValueError(f"loss_fn must return per-example losses of shape (B,), got "
+                       f"{jnp.shape(losses)} for a batch of 1")
+    return losses[0]
+
+  in_axes = (None,) + (0,) * len(batch)
+  losses, grads = jax.vmap(jax.value_and_grad(per_ex), in_axes=in_axes)(params, *batch)
+  norms = _per_example.example_norms(grads)
+  ok = jnp.isfinite(losses)
+  scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
+  summed = jax.tree.map(
+      lambda g: jnp.sum(cm.mask_rows(g, finite, scale), axis=0), grads)
+  return summed, norms, finite
+
+
+# --------------------------------------------------------- groups and components
+
+
+@dataclasses.dataclass
+class _Group:
+  """Uses of one parameter operand W' with the same form (positions concatenated)."""
+  rule: Any
+  uses: list
+  ws: list                # operand positions j of the first use (its W'_j)
+  origin: frozenset       # parameter leaves the W' depend on
+  direct: bool            # every W'_j an isometric view of distinct leaves
+
+
+@dataclasses.dataclass
+class _Component:
+  groups: list
+  leaves: frozenset
+  direct: bool            # one group, isometric: the rule's own norm is the leaves' norm
+  name: str
+
+
+def _structure(plan: _trace.Plan):
+  groups = {}
+  for u in plan.uses:
+    key = u.rule.merge_key(u)
+    key = ("use", u.uid) if key is None else key
+    if key not in groups:
+      groups[key] = _Group(u.rule, [], list(u.p_pos), frozenset(), True)
+    groups[key].uses.append(u)
+  groups = list(groups.values())
+  for g in groups:
+    u = g.uses[0]
+    origins = [_trace.origin_of(u, j) for j in g.ws]
+    g.origin = frozenset().union(*origins) if origins else frozenset()
+    g.direct = all(_trace.iso_of(u, j) for j in g.ws) and (
+        sum(len(o) for o in origins) == len(g.origin))
+  # Components: groups connected through shared parameter leaves.
+  parent = list(range(len(groups)))
+
+  def find(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  owner = {}
+  for gi, g in enumerate(groups):
+    for leaf in g.origin:
+      if leaf in owner:
+        parent[find(gi)] = find(owner[leaf])
+      else:
+        owner[leaf] = gi
+  comps = {}
+  for gi in range(len(groups)):
+    comps.setdefault(find(gi), []).append(groups[gi])
+  out = []
+  for gs in comps.values():
+    leaves = frozenset().union(*[g.origin for g in gs])
+    if not leaves:
+      continue
+    uses = [u for g in gs for u in g.uses]
+    fb = [g for g in gs if g.rule.family == "fallback"]
+    name = fb[0].rule.name(fb[0].uses[0]) if fb else gs[0].rule.name(gs[0].uses[0])
+    if any(u.stack for u in uses):
+      name += " (scan)"
+    if len(uses) > 1:
+      name += f" x{len(uses)} uses"
+    out.append(_Component(gs, leaves, len(gs) == 1 and gs[0].direct, name))
+  return out
+
+
+def _plan(loss_fn, has_aux, params, batch):
+  b = _batch_size(batch)
+
+  def fn(p, *bt):
+    losses, aux = _split_out(loss_fn(p, *bt), has_aux)
+    _check_losses(losses, _batch_size(bt))
+    return losses, aux
+
+  return _trace.analyse(fn, params, batch, b, RULES), b
+
+
+def _coverage_names(plan, comps) -> dict:
+  names = {}
+  for c in comps:
+    for leaf in c.leaves:
+      names[leaf] = c.name
+  return names
+
+
+# ------------------------------------------------------------------ ghost method
+
+
+def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False):
+  """(f32 clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
+  plan, b = _plan(loss_fn, has_aux, params, batch)
+  comps = _structure(plan)
+  if auto and not any(not c.name.startswith("fallback") for c in comps):
+    raise _trace.Unsupported("no parameter gets an exact ghost rule")
+  p_flat, p_tree = jax.tree.flatten(params)
+  b_flat = jax.tree.leaves(batch)
+  probes = {k: jnp.zeros(s.shape, s.dtype) for k, s in _trace.probe_shapes(plan).items()}
+
+  def probe_fn(pr):
+    outs, recs = _trace.run_probes(plan, p_flat, b_flat, pr)
+    return outs[0], (recs, outs)
+
+  # ONE backward pass, for the probes (output gradients) only: the parameters are
+  # constants here, so no weight gradient is formed.
+  losses, vjp_fn, (records, outs) = jax.vjp(probe_fn, probes, has_aux=True)
+  (g_probe,) = vjp_fn(jnp.ones((b,), losses.dtype))
+  aux = jax.tree.unflatten(plan.out_tree, outs)[1]
+  views = _trace.run_views(plan, p_flat)
+
+  def use_arrays(u):
+    recs = {j: records[(u.uid, j)] for j in u.rec_pos if (u.uid, j) in records}
+    gs = {k: g_probe[(u.uid, k)] for k in u.probe_pos}
+    vw = {j: views[(u.uid, j)] for j in u.p_pos}
+    return recs, gs, vw
+
+  canons = {}
+  for c in comps:
+    for g in c.groups:
+      parts = []
+      for u in g.uses:
+        recs, gs, vw = use_arrays(u)
+        if u.rule.family in ("fallback", "conv_general_dilated"):
+          parts.append(u.rule.canon(u, recs, gs, b, views=vw))
+        else:
+          parts.append(u.rule.canon(u, recs, [gs[k] for k in u.probe_pos], b, views=vw))
+      if len(parts) > 1 and u.rule.family in ("fallback", "conv_general_dilated"):
+        pe = {}
+        for p in parts:
+          for j, x in p["pe"].items():
+            pe[j] = pe[j] + x if j in pe else x
+        canons[id(g)] = {"pe": pe}
+      else:
+        canons[id(g)] = g.rule.concat(parts)
+
+  sq = jnp.zeros((b,), jnp.float32)
+  materialised = []  # (component, {leaf: [B, ...] per-example grads})
+  for c in comps:
+    if c.direct:
+      g = c.groups[0]
+      sq = sq + g.rule.sq(canons[id(g)])
+      continue
+    leaves = sorted(c.leaves)
+    pe_w = {}
+    for g in c.groups:
+      u0 = g.uses[0]
+      for j, x in g.rule.per_example(canons[id(g)], None).items():
+        pe_w[(u0.uid, j)] = x
+    keys = list(pe_w)
+
+    def comp_views(sub, leaves=leaves, keys=keys):
+      full = list(p_flat)
+      for i, x in zip(leaves, sub):
+        full[i] = x
+      vw = _trace.run_views(plan, full)
+      return [vw[k] for k in keys]
+
+    sub0 = [p_flat[i] for i in leaves]
+    _, cvjp = jax.vjp(comp_views, sub0)
+    per_leaf = jax.vmap(lambda cts, cvjp=cvjp: cvjp(cts)[0])(
+        [pe_w[k].astype(jnp.result_type(views[k])) for k in keys])
+    per_leaf = dict(zip(leaves, per_leaf))
+    for x in per_leaf.values():
+      sq = sq + cm.per_example_sq(x)
+    materialised.append(per_leaf)
+
+  norms = jnp.sqrt(sq)
+  ok = jnp.isfinite(losses)
+  scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
+  weights = jnp.where(finite, scale, 0.0)
+
+  # The clipped sum from the same records: sum_b w_b dW'_b per direct group, mapped
+  # to the parameter leaves by the VJP of the parameter-only part of the program.
+  cts, direct_keys = [], []
+  for c in comps:
+    if not c.direct:
+      continue
+    g = c.groups[0]
+    u0 = g.uses[0]
+    for j, x in g.rule.weighted(canons[id(g)], weights, finite, None).items():
+      direct_keys.append((u0.uid, j))
+      cts.append(x.astype(jnp.result_type(views[(u0.uid, j)])))
+  total = [jnp.zeros(jnp.shape(x), jnp.float32) for x in p_flat]
+  float_idx = [i for i, x in enumerate(p_flat) if _is_float(x)]
+  if direct_keys:
+    def dviews(sub):
+      full = list(p_flat)
+      for i, x in zip(float_idx, sub):
+        full[i] = x
+      vw = _trace.run_views(plan, full)
+      return [vw[k] for k in direct_keys]
+
+    _, dvjp = jax.vjp(dviews, [p_flat[i] for i in float_idx])
+    grads = dvjp(cts)[0]
+    for i, gr in zip(float_idx, grads):
+      total[i] = total[i] + cm.f32(gr)
+  for per_leaf in materialised:
+    for i, x in per_leaf.items():
+      total[i] = total[i] + jnp.sum(cm.mask_rows(x, finite, weights), axis=0)
+  return jax.tree.unflatten(p_tree, total), norms, finite, aux
+
+
+def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
+                   has_aux: bool = False) -> dict:
+  """Which ghost rule each float parameter leaf gets (traced abstractly, no FLOPs).
+
+  Returns ``{"path/of/leaf": rule}`` for every floating-point leaf of ``params``
+  (path components joined by ``/``). ``rule`` is one of
+
+  * ``"dot_general"``, ``"gather"``, ``"elementwise"``, ``"conv_general_dilated"``:
+    an exact rule (see :mod:`gradclip_jax.dp`);
+  * ``"fallback: <primitive>"``: the per-example gradient of that one operation
+    (e.g. ``"fallback: custom_vjp_call"``);
+  * ``"unused"``: the losses do not depend on the leaf (its gradient is zero);
+
+  followed by ``" (scan)"`` when a use sits inside a ``scan`` (its positions include
+  the steps) and ``" xN uses"`` when ``N > 1`` operations read the leaf (through the
+  same operand, or sharing leaves with other operands). Leaves whose uses share
+  parameters with a use of another form (e.g. a tied embedding read by ``gather`` and
+  ``dot_general``) get exact per-example gradients of those leaves, named after the
+  first use in program order.
+
+  Raises the errors ``clipped_grad(method="ghost")`` raises (e.g. a ``ValueError``
+  for an operation that combines examples, such as BatchNorm with batch statistics).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from gradclip_jax import dp
+    >>> def loss_fn(p, x, y):
+    ...   return (jnp.tanh(x @ p["w"] + p["b"]) @ p["v"] - y) ** 2
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "v": jnp.ones(4)}
+    >>> cov = dp.ghost_coverage(loss_fn, params, jnp.ones((8, 3)), jnp.zeros(8))
+    >>> for k, v in sorted(cov.items()):
+    ...   print(k, v)
+    b elementwise
+    v dot_general
+    w dot_general
+  """
+  plan, _ = _plan(loss_fn, has_aux, params, batch)
+  names = _coverage_names(plan, _structure(plan))
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  out = {}
+  for i, (path, leaf) in enumerate(flat):
+    if _is_float(leaf):
+      out[_key_names(path)] = names.get(i, "unused")
+  return out
+
+
+# ------------------------------------------------------------------ public entry
+
+
+def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "auto",
+                 normalize_by: Optional[Any] = None,
+                 microbatch_size: Optional[int] = None, has_aux: bool = False,
+                 return_norms: bool = False) -> Callable[..., Any]:
+  r"""Builds ``(params, *batch) -> sum_b min(1, C / n_b) grad(loss_b) [/ normalize_by]``.
+
+  ``loss_fn(params, *batch)`` must return the vector of ``B`` per-example losses
+  (``(losses, aux)`` with ``has_aux``); every leaf of every batch argument has the
+  batch axis first. ``n_b = ||grad_params loss_b||_2`` is example ``b``'s gradient
+  norm over all parameters and ``C = max_norm`` (Abadi et al. 2016). See
+  :mod:`gradclip_jax.dp` for the loss convention, the methods and the ghost rules.
+
+  Returns a function giving ``grads`` (each leaf in its parameter's dtype,
+  accumulated in float32), then ``norms`` (``[B]`` float32 per-example norms before
+  clipping; NaN/inf for a non-finite example, which contributes zero) if
+  ``return_norms``, then ``aux`` if ``has_aux`` (stacked along a new leading axis,
+  one per microbatch, when ``microbatch_size`` splits the batch). A single value is
+  returned bare, several as a tuple: ``grads``, ``(grads, norms)``, ``(grads, aux)``
+  or ``(grads, norms, aux)``.
+
+  Args:
+    loss_fn: per-example loss function ``(params, *batch) -> [B]``.
+    max_norm: clip threshold ``C >= 0``; ``inf`` disables clipping.
+    method: ``"vmap"`` (reference: per-example gradients), ``"ghost"`` (ghost norms
+      on the traced program), or ``"auto"`` (ghost when the program can be traced and
+      at least one parameter gets an exact rule, else vmap).
+    normalize_by: divide the clipped sum by this (e.g. the expected batch size).
+    microbatch_size: process the batch in microbatches of this size (``B`` must be
+      a multiple), accumulating in float32 (``lax.scan``); bounds peak memory.
+    has_aux: ``loss_fn`` returns ``(losses, aux)``.
+    return_norms: also return the per-example norms.
+
+  Returns:
+    The function described above.
+
+  Raises:
+    ValueError: for a negative or NaN ``max_norm``, an unknown ``method``, a bad
+      ``microbatch_size``, losses that are not ``[B]``, or (ghost) an operation that
+      combines examples. TypeError: ``has_aux`` without a ``(losses, aux)`` pair.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradclip_jax import dp
+    >>> def loss_fn(w, x, y):
+    ...   return (x @ w - y) ** 2
+    >>> w = jnp.array([1.0, -1.0])
+    >>> x = jnp.array([[3.0, 0.0], [0.0, 0.1]])
+    >>> y = jnp.zeros(2)
+    >>> g, norms = dp.clipped_grad(loss_fn, max_norm=1.0, method="ghost",
+    ...                            return_norms=True)(w, x, y)
+    >>> print(norms)  # |2 (x_b . w - y_b)| ||x_b||
+    [18.    0.02]
+    >>> print(g)  # example 0 scaled to norm 1, example 1 kept
+    [1.   0.02]
+  """
+  _norms.check_threshold("max_norm", max_norm)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if microbatch_size is not None and (not isinstance(microbatch_size, int)
+                                      or isinstance(microbatch_size, bool)
+                                      or microbatch_size < 1):
+    raise ValueError(f"microbatch_size must be a positive int, got {microbatch_size!r}")
+
+  def vmap_core(params, batch):
+    summed, norms, _ = _vmap_core(loss_fn, has_aux, max_norm, params, batch)
+    aux = _split_out(loss_fn(params, *batch), True)[1] if has_aux else None
+    return summed, norms, aux
+
+  def core(params, batch):
+    if method == "vmap":
+      return vmap_core(params, batch)
+    if method == "auto":
+      try:
+        summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch,
+                                            auto=True)
+      except _trace.Unsupported:
+        return vmap_core(params, batch)
+      return summed, norms, aux
+    summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch)
+    return summed, norms, aux
+
+  def fn(params, *batch):
+    if not batch:
+      raise TypeError("clipped_grad: call as fn(params, *batch) with at least one "
+                      "batch argument")
+    b = _batch_size(batch)
+    m = microbatch_size
+    if m is None or m >= b:
+      summed, norms, aux = core(params, batch)
+    else:
+      if b % m:
+        raise ValueError(f"batch size {b} is not a multiple of microbatch_size {m}")
+      n = b // m
+      mbs = jax.tree.map(lambda x: x.reshape((n, m) + x.shape[1:]), batch)
+      zero = jax.tree.map(lambda p: jnp.zeros(p.shape, cm.f32(p).dtype) if _is_float(p)
+                          else jnp.zeros(jnp.shape(p), jnp.float32), params)
+
+      def body(acc, mb):
+        s, nrm, ax = core(params, mb)
+        acc = jax.tree.map(lambda a, x: a + x, acc, s)
+        return acc, (nrm, ax)
+
+      summed, (norms, aux) = lax.scan(body, zero, mbs)
+      norms = norms.reshape(b)
+    if normalize_by is not None:
+      summed = jax.tree.map(lambda g: g / jnp.asarray(normalize_by, jnp.float32), summed)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype) if _is_float(p) else g,
+                         summed, params)
+    out = (grads,)
+    if return_norms:
+      out += (norms,)
+    if has_aux:
+      out += (aux,)
+    return out[0] if len(out) == 1 else out
+
+  return fn

@@ -1,0 +1,121 @@
+"""``dot_general`` with a parameter operand: Gram or direct per-example norms.
+
+For ``y = x . W'`` (any dimension numbers, the example axis a free dimension of the
+data operand ``x``) every example's weight gradient is ``dW'_b = sum_t a_bt g_bt^T``
+per dot-general batch index ``h``, with ``a`` the data rows (contracted features,
+``K``) and ``g`` the output gradient rows (``W'``'s free features, ``N``) at each of
+the ``T`` positions. Its squared norm is computed without forming ``dW'_b`` when that
+is cheaper (Goodfellow 2015; Li et al. 2022, "ghost norm"):
+
+* Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (K + N) <= K N``,
+* else the direct ``||sum_t a_t g_t^T||^2``.
+
+The clipped sum is ``sum_b w_b sum_t a_bt g_bt^T`` (book-keeping, Bu et al. 2023).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from gradclip_jax.dp import _trace
+from gradclip_jax.dp._rules import _common as cm
+
+
+class DotGeneral(cm.Rule):
+  family = "dot_general"
+
+  def match(self, use):
+    if len(use.p_pos) != 1 or len(use.eqn.invars) != 2:
+      return None
+    wpos = use.p_pos[0]
+    xpos = 1 - wpos
+    x_info, w_info = use.in_info[xpos], use.in_info[wpos]
+    if not isinstance(x_info.spec, _trace.Spec) or w_info.spec is not None:
+      return None
+    (lc, rc), (lb, rb) = use.eqn.params["dimension_numbers"]
+    xc, wc, xb, wb = (lc, rc, lb, rb) if wpos == 1 else (rc, lc, rb, lb)
+    xs = _trace._shape(use.eqn.invars[xpos])  # pylint: disable=protected-access
+    ws = _trace._shape(use.eqn.invars[wpos])  # pylint: disable=protected-access
+    xfree = [d for d in range(len(xs)) if d not in xc and d not in xb]
+    wfree = [d for d in range(len(ws)) if d not in wc and d not in wb]
+    ex = x_info.spec.axis
+    if ex not in xfree:
+      return None
+    nb = len(xb)
+    if wpos == 1:
+      x_out = [nb + i for i in range(len(xfree))]
+      w_out = [nb + len(xfree) + i for i in range(len(wfree))]
+    else:
+      w_out = [nb + i for i in range(len(wfree))]
+      x_out = [nb + len(wfree) + i for i in range(len(xfree))]
+    out_spec = use.out_info[0].spec
+    want = _trace.Spec(x_out[xfree.index(ex)], x_info.spec.inner, x_info.spec.outer)
+    if out_spec != want:
+      return None
+    wlist = list(wb) + list(wc) + wfree
+    return {"needs": (xpos,), "xpos": xpos, "wpos": wpos, "xc": list(xc),
+            "xb": list(xb), "xfree": xfree, "x_out": x_out, "w_out": w_out, "nb": nb,
+            "H": int(np.prod([xs[d] for d in xb], dtype=np.int64)),
+            "K": int(np.prod([xs[d] for d in xc], dtype=np.int64)),
+            "N": int(np.prod([ws[d] for d in wfree], dtype=np.int64)),
+            "wsizes": [ws[d] for d in wlist],
+            "wperm": [wlist.index(d) for d in range(len(ws))]}
+
+  def merge_key(self, use):
+    d = use.data
+    return ("dot_general", id(use.eqn.invars[d["wpos"]]), d["wpos"],
+            str(use.eqn.params["dimension_numbers"]), use.scope_id)
+
+  def canon(self, use, recs, gs, b, views=None):
+    d = use.data
+    ns = len(use.stack)
+    x = recs[d["xpos"]]
+    x2, dm, exd = cm.split(x, use.in_info[d["xpos"]].spec, ns, b)
+    stack = [[i] for i in range(ns)]
+    perm = ([exd] + cm.flat([dm[ns + i] for i in d["xb"]])
+            + cm.flat(stack + [dm[ns + i] for i in d["xfree"]])
+            + cm.flat([dm[ns + i] for i in d["xc"]]))
+    a = jnp.transpose(x2, perm).reshape(b, d["H"], -1, d["K"])
+    g2, gm, gex = cm.split(gs[0], use.out_info[0].spec, ns, b)
+    perm = ([gex] + cm.flat([gm[ns + i] for i in range(d["nb"])])
+            + cm.flat(stack + [gm[ns + i] for i in d["x_out"]])
+            + cm.flat([gm[ns + i] for i in d["w_out"]]))
+    g = jnp.transpose(g2, perm).reshape(b, d["H"], -1, d["N"])
+    return {"a": a, "g": g, "data": d}
+
+  def concat(self, canons):
+    if len(canons) == 1:
+      return canons[0]
+    return {"a": jnp.concatenate([c["a"] for c in canons], axis=2),
+            "g": jnp.concatenate([c["g"] for c in canons], axis=2),
+            "data": canons[0]["data"]}
+
+  def sq(self, c):
+    a, g = cm.f32(c["a"]), cm.f32(c["g"])
+    _, _, t, k = a.shape
+    n = g.shape[-1]
+    if t == 1:
+      return jnp.sum(jnp.sum(cm.sq(a), (2, 3)) * jnp.sum(cm.sq(g), (2, 3)), axis=1)
+    if t * (k + n) <= k * n:
+      aa = jnp.einsum("bhtk,bhsk->bhts", a, a, precision=cm.HI)
+      gg = jnp.einsum("bhtn,bhsn->bhts", g, g, precision=cm.HI)
+      return jnp.sum(aa * gg, axis=(1, 2, 3))
+    w = jnp.einsum("bhtk,bhtn->bhkn", a, g, precision=cm.HI)
+    return jnp.sum(cm.sq(w), axis=(1, 2, 3))
+
+  def _layout(self, x, d, lead):
+    x = x.reshape(lead + tuple(d["wsizes"]))
+    off = len(lead)
+    return jnp.transpose(x, list(range(off)) + [off + p for p in d["wperm"]])
+
+  def weighted(self, c, w, fin, wshapes):
+    d = c["data"]
+    s = jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
+                   cm.mask_rows(c["g"], fin, w), precision=cm.HI)
+    return {d["wpos"]: self._layout(s, d, ())}
+
+  def per_example(self, c, wshapes):
+    d = c["data"]
+    pe = jnp.einsum("bhtk,bhtn->bhkn", cm.f32(c["a"]), cm.f32(c["g"]), precision=cm.HI)
+    return {d["wpos"]: self._layout(pe, d, (pe.shape[0],))}
