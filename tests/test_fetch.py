@@ -449,6 +449,23 @@ def test_command_line_usage_errors_exit_2(tmp_path, capsys):
   assert "neither a URL nor an existing archive file" in capsys.readouterr().err
 
 
+def test_through_the_gradclip_command(server, tmp_path, capsys):
+  """``gradclip data fetch`` as the console script runs it (training/cli.py)."""
+  from gradclip_jax.training import cli  # pylint: disable=import-outside-toplevel
+  url, _ = server
+  target = tmp_path / "mr"
+  assert cli.main(["data", "fetch", "mr", str(target), "--forc"]) == 2
+  err = capsys.readouterr().err
+  assert "usage: gradclip data fetch" in err and "(did you mean --force?)" in err
+  assert cli.main(["data", "fetch", "mr", str(target), "--no-progress",
+                   "--url", f"{url}/mr/rt-polaritydata.tar.gz"]) == 0
+  assert sorted(p.name for p in target.iterdir()) == ["rt-polarity.neg", "rt-polarity.pos"]
+  assert cli.main(["data", "fetch", "mr", str(target), "--url",
+                   f"{url}/mr/rt-polaritydata.tar.gz"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("gradclip data fetch: error: ") and err.count("\n") == 1
+
+
 def test_python_api_bad_input():
   with pytest.raises(ValueError, match="unknown dataset 'sst2'"):
     data_fetch.fetch("sst2", "x")

@@ -50,6 +50,8 @@ import urllib.request
 import zlib
 from typing import IO
 
+__all__ = ["DATASETS", "SOURCES", "FetchError", "add_arguments", "command", "fetch", "main"]
+
 DATASETS = ("ptb", "imdb", "mr")
 
 # Seconds without any data from the server after which a download is abandoned.
@@ -599,11 +601,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p = sub.add_parser(
       "fetch", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
       help="download, verify and unpack a data set the trainers read",
-      description=("Download a data set's original archive, verify the files the loaders "
-                   "read (SHA-256 and counts) and unpack only those into DIRECTORY, for "
-                   "the trainers' --data-dir."),
+      description=("Download a data set's original archive, verify the files the loaders\n"
+                   "read (SHA-256 and counts) and unpack only those into DIRECTORY, which\n"
+                   "the trainers' --data-dir then reads. Nothing is left behind on failure."),
       epilog=_epilog())
-  p.add_argument("dataset", choices=DATASETS, help="the data set")
+  p.add_argument("dataset", metavar="DATASET", choices=DATASETS,
+                 help=f"the data set: {', '.join(DATASETS)}")
   p.add_argument("directory", metavar="DIRECTORY",
                  help="folder to create (it may exist if empty)")
   p.add_argument("--url", default=None,
@@ -613,6 +616,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="replace DIRECTORY if it exists and is not empty")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="no progress bar on stderr")
+  if hasattr(p, "unknown_arguments"):
+    # gradclip's parser reports unknown arguments through the sub-command's parser
+    # (usage and a "did you mean"); for "gradclip data" that is its only action, fetch.
+    parser.unknown_arguments = p.unknown_arguments  # type: ignore[attr-defined]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -622,7 +629,7 @@ def main(args: argparse.Namespace) -> int:
     target = fetch(args.dataset, args.directory, url=args.url, progress=args.progress,
                    force=args.force)
   except FetchError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted; nothing was written to {args.directory}", file=sys.stderr)
