@@ -535,15 +535,18 @@ def fetch(dataset: str, directory: str | os.PathLike, *, url: str | None = None,
                                            dir=target.parent))
     except OSError as e:
       raise FetchError(f"cannot write in {target.parent}: {e}") from e
+    # Messages name the archive as the URL does (a mirror's or a local file's name).
+    label = urllib.parse.unquote(
+        urllib.parse.urlsplit(source_url).path.rsplit("/", 1)[-1]) or source.archive
     try:
       archive_path = work / source.archive
-      _download(source_url, archive_path, label=source.archive, stream=stream)
+      _download(source_url, archive_path, label=label, stream=stream)
       if stream is not None:
-        stream.write(f"verifying and unpacking {source.archive} ...\n")
+        stream.write(f"verifying and unpacking {label} ...\n")
         stream.flush()
       out = work / "out"
       out.mkdir()
-      _unpack(source, archive_path, out, source.archive)
+      _unpack(source, archive_path, out, label)
       archive_path.unlink()
       _check_target(target, force)  # again: the folder may have changed meanwhile
       old = work / "old"
