@@ -5,7 +5,7 @@ Trains the ``gradclip classify`` model (same config, data order and initializati
   * no clipping,
   * ``clip_by_value``           (element-wise, ``--value``),
   * ``clip_by_global_norm``     (``--global-norm``; Pascanu, Mikolov & Bengio 2013),
-  * one adaptive rule           (``--adaptive``: zclip, falling back to autoclip),
+  * one adaptive rule           (``--adaptive``: zclip by default),
 
 at a deliberately high learning rate, and writes ``classify_experiment.json`` (final test
 accuracy, eval accuracy, clip fraction and the per-step global gradient norm of every run)
@@ -27,24 +27,12 @@ import time
 
 import numpy as np
 
-from gradclip_jax.training import common
+from gradclip_jax.training import checkpoints, flags
 from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import train as classify_train
+from gradclip_jax.training.options import RunOptions
 
-ADAPTIVE_FALLBACKS = ("zclip", "autoclip", "adagc", "agc")
-
-
-def _clip_transform(rule: str, threshold: float | None):
-  """(name actually used, transform); adaptive rules fall back along ADAPTIVE_FALLBACKS."""
-  if rule in ADAPTIVE_FALLBACKS:
-    candidates = ADAPTIVE_FALLBACKS[ADAPTIVE_FALLBACKS.index(rule):]
-    for name in candidates:
-      try:
-        return name, common.build_clip(name, None, 1.0)
-      except NotImplementedError as e:
-        print(f"[classify_experiment] {e}; trying the next adaptive rule", file=sys.stderr)
-    raise SystemExit(f"no adaptive rule among {candidates} is available in gradclip_jax")
-  return rule, common.build_clip(rule, threshold, 1.0)
+ADAPTIVE = ("zclip", "autoclip", "adagc", "agc")
 
 
 def run_experiment(data_dir, out, *, dataset: str = "mr", max_steps: int = 600,
@@ -55,7 +43,8 @@ def run_experiment(data_dir, out, *, dataset: str = "mr", max_steps: int = 600,
   """Runs the four rules and returns (and writes) the JSON-able results."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  cfg = configs.override(configs.get_config(config or dataset), overrides)
+  name = config or dataset
+  cfg = flags.override(configs.get_config(name), overrides)
   cfg = dataclasses.replace(cfg, optimizer=optimizer, learning_rate=learning_rate,
                             lr_schedule="constant", warmup_steps=0,
                             max_epochs=10**6)  # --max-steps decides the length.
@@ -64,16 +53,18 @@ def run_experiment(data_dir, out, *, dataset: str = "mr", max_steps: int = 600,
              "max_steps": max_steps, "seed": seed, "config": dataclasses.asdict(cfg),
              "runs": {}}
   for rule, threshold in rules:
-    name, tx = _clip_transform(rule, threshold)
-    label = name if threshold is None else f"{name}({threshold:g})"
+    label = rule if threshold is None else f"{rule}({threshold:g})"
     print(f"[classify_experiment] {label}: training {max_steps} steps", flush=True)
     t0 = time.perf_counter()
+    run = RunOptions(data_dir=data_dir, clip=rule, clip_value=threshold, seed=seed,
+                     max_steps=max_steps, checkpoint_every=0, num_devices=1,
+                     progress=sys.stderr.isatty())
+    checkpoints.prepare_workdir(out / rule, resume=False, overwrite=True)  # a fresh run
     r = classify_train.train_and_evaluate(
-        cfg, dataset=dataset, data_dir=data_dir, workdir=out / name, clip=name,
-        clip_value=threshold, seed=seed, max_steps=max_steps, cache_dir=out / "data_cache",
-        checkpoint_every=0, num_devices=1, progress=sys.stderr.isatty(), clip_transform=tx)
+        configs.TrainConfig(run=run, dataset=dataset, hparams=cfg, name=name,
+                            cache_dir=out / "data_cache"), out / rule)
     trace = np.asarray(r["grad_norm_trace"], dtype=np.float64)
-    results["runs"][name] = {
+    results["runs"][rule] = {
         "label": label, "threshold": threshold, "test_acc": r["test_acc"],
         "best_eval_acc": r["best_eval_acc"],
         "final_train_loss": r["records"][-1]["train_loss"] if r["records"] else None,
@@ -82,7 +73,7 @@ def run_experiment(data_dir, out, *, dataset: str = "mr", max_steps: int = 600,
         "seconds": time.perf_counter() - t0,
         "grad_norm_trace": [float(x) if np.isfinite(x) else None for x in trace],
     }
-    run = results["runs"][name]
+    run = results["runs"][rule]
     print(f"[classify_experiment] {label}: test_acc {run['test_acc']:.4f}, clip_fraction "
           f"{run['clip_fraction']:.3f}, {run['nonfinite_steps']} non-finite steps",
           flush=True)
@@ -127,7 +118,7 @@ def main(argv=None) -> int:
   p.add_argument("--learning-rate", type=float, default=2.0)
   p.add_argument("--global-norm", type=float, default=1.0, help="clip_by_global_norm max_norm")
   p.add_argument("--value", type=float, default=0.05, help="clip_by_value bound")
-  p.add_argument("--adaptive", choices=ADAPTIVE_FALLBACKS, default="zclip")
+  p.add_argument("--adaptive", choices=ADAPTIVE, default="zclip")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   results = run_experiment(a.data_dir, a.out, dataset=a.dataset, max_steps=a.max_steps,

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradclip_jax.training import cli
+from gradclip_jax.training import cli, flags
+from gradclip_jax.training.errors import UsageError
 from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import input_pipeline as ip
 from gradclip_jax.training.classify import models
@@ -277,12 +278,18 @@ def cache_dir(tmp_path_factory):
 
 
 def test_config_overrides():
-  cfg = configs.override(configs.get_config("mr"), ["hidden_size=7", "pooling=max,mean",
-                                                     "vocab_size=none", "bidirectional=0"])
-  assert (cfg.hidden_size, cfg.pooling, cfg.vocab_size, cfg.bidirectional) == (
-      7, ("max", "mean"), None, False)
-  with pytest.raises(ValueError, match="FIELD=VALUE"):
-    configs.override(cfg, ["nope=1"])
+  cfg = flags.override(configs.get_config("mr"), ["hidden_size=7", "pooling=max,mean",
+                                                   "vocab_size=none", "bidirectional=0",
+                                                   "learning_rate=3e-3"])
+  assert (cfg.hidden_size, cfg.pooling, cfg.vocab_size, cfg.bidirectional,
+          cfg.learning_rate) == (7, ("max", "mean"), None, False, 3e-3)
+  with pytest.raises(UsageError, match="FIELD=VALUE"):
+    flags.override(cfg, ["hidden_size"])
+  with pytest.raises(UsageError, match="no config field 'hiden_size' .did you mean "
+                     "hidden_size"):
+    flags.override(cfg, ["hiden_size=3"])
+  with pytest.raises(UsageError, match="hidden_size=x"):
+    flags.override(cfg, ["hidden_size=x"])
 
 
 def test_ema_update_matches_numpy_and_warms_up():
@@ -299,17 +306,20 @@ def test_ema_update_matches_numpy_and_warms_up():
   assert got["w"].dtype == jnp.bfloat16
 
 
-def test_bad_ema_decay_is_a_clear_error(shared_data_dir, tmp_path, cache_dir):
-  with pytest.raises(ValueError, match="ema_decay"):
-    _run(["--dataset", "mr", "--config", "smoke", "--data-dir",
-          str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
-          "--workdir", str(tmp_path / "w"), "--set", "ema_decay=1.0", "--max-steps", "1"])
+def test_bad_ema_decay_is_a_clear_error(shared_data_dir, tmp_path, cache_dir, capsys):
+  assert _run(["--dataset", "mr", "--config", "smoke", "--data-dir",
+               str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
+               "--workdir", str(tmp_path / "w"), "--set", "ema_decay=1.0",
+               "--max-steps", "1"]) == 2
+  assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
 
 
-def test_cli_reports_missing_data(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    _run(["--dataset", "mr", "--data-dir", str(tmp_path / "missing"),
-          "--workdir", str(tmp_path / "w")])
+def test_cli_reports_missing_data(tmp_path, capsys):
+  assert _run(["--dataset", "mr", "--data-dir", str(tmp_path / "missing"),
+               "--workdir", str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err
+  assert "does not exist" in err and "gradclip data fetch mr" in err
 
 
 @pytest.mark.parametrize("dataset,folder", [("mr", "rt-polarity"), ("imdb", "imdb")])
@@ -403,11 +413,12 @@ def test_ensemble_averages_its_members(shared_data_dir, tmp_path, cache_dir):
       -np.mean(np.log(mean[np.arange(len(labels)), labels])), rel=1e-5)
 
 
-def test_ensemble_bad_size_and_dp_are_clear_errors(shared_data_dir, tmp_path, cache_dir):
+def test_ensemble_bad_size_and_dp_are_clear_errors(shared_data_dir, tmp_path, cache_dir,
+                                                   capsys):
   base = ["--dataset", "mr", "--config", "smoke", "--data-dir",
           str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
           "--workdir", str(tmp_path / "w"), "--max-steps", "1"]
-  with pytest.raises(ValueError, match="ensemble must be an integer >= 1"):
-    _run(base + ["--set", "ensemble=0"])
-  with pytest.raises(ValueError, match="privacy"):
-    _run(base + ["--set", "ensemble=2", "--dp", "--noise-multiplier", "1.0"])
+  assert _run(base + ["--set", "ensemble=0"]) == 2
+  assert "ensemble must be an integer >= 1" in capsys.readouterr().err
+  assert _run(base + ["--set", "ensemble=2", "--dp", "--noise-multiplier", "1.0"]) == 2
+  assert "privacy" in capsys.readouterr().err

@@ -2,12 +2,18 @@
 
 ``imdb`` and ``mr`` are the defaults of ``--dataset imdb`` / ``--dataset mr``; ``imdb_dp`` is
 for DP-SGD (``--dp``) on IMDB; ``smoke`` is a tiny model for tests. Any field can be overridden on the command line with
-``--set field=value`` (e.g. ``--set hidden_size=64 --set pooling=last,max``).
+``--set field=value`` (e.g. ``--set hidden_size=64 --set pooling=last,max``;
+``training.flags.override``). :class:`TrainConfig` is what ``train.train_and_evaluate``
+runs: the dataset, these hyper-parameters and the run's options.
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
+import pathlib
+
+from gradclip_jax.training.classify.input_pipeline import DATASETS, MR_NUM_FOLDS
+from gradclip_jax.training.errors import UsageError
+from gradclip_jax.training.options import RunOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,38 +113,58 @@ def get_config(name: str) -> ClassifyConfig:
     raise ValueError(f"unknown config {name!r}; choose from {', '.join(NAMES)}") from None
 
 
-def _parse_value(text: str, annotation: str):
-  """Parses ``text`` for a field annotated ``annotation`` (a string: PEP 563)."""
-  optional = "None" in annotation
-  if optional and text.lower() == "none":
-    return None
-  if annotation.startswith("tuple"):
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-  if annotation.startswith("bool"):
-    if text.lower() in ("1", "true", "yes"):
-      return True
-    if text.lower() in ("0", "false", "no"):
-      return False
-    raise ValueError(f"not a boolean: {text!r}")
-  if annotation.startswith("int"):
-    return int(text)
-  if annotation.startswith("float"):
-    return float(text)
-  return text
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything ``gradclip classify`` runs.
 
+  Attributes:
+    run: the options shared with ``gradclip ptb`` (data, clipping rule, seed, length,
+      checkpoints, devices, DP-SGD); see ``training.options.RunOptions``.
+    dataset: ``"imdb"`` or ``"mr"``.
+    hparams: the model / optimizer / data hyper-parameters (a named config after
+      ``--set`` and the flags that set its fields).
+    name: the named config they come from (``--config``).
+    cache_dir: tokenized-data cache (``None``: ``WORKDIR/data_cache``).
+  """
 
-def override(config: ClassifyConfig, assignments: typing.Iterable[str]) -> ClassifyConfig:
-  """Applies ``field=value`` strings (from ``--set``) to ``config``."""
-  fields = {f.name: f for f in dataclasses.fields(config)}
-  changes = {}
-  for item in assignments:
-    key, sep, text = item.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or key not in fields:
-      raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(fields)}; "
-                       f"got {item!r}")
-    try:
-      changes[key] = _parse_value(text.strip(), str(fields[key].type))
-    except ValueError as e:
-      raise ValueError(f"--set {item!r}: {e}") from None
-  return dataclasses.replace(config, **changes)
+  run: RunOptions
+  dataset: str
+  hparams: ClassifyConfig
+  name: str
+  cache_dir: pathlib.Path | None = None
+
+  def __post_init__(self):
+    h = self.hparams
+    if self.dataset not in DATASETS:
+      raise UsageError(f"unknown dataset {self.dataset!r}; choose from {DATASETS}")
+    if not 0.0 <= h.ema_decay < 1.0:
+      raise UsageError(f"ema_decay must be in [0, 1); got {h.ema_decay}")
+    if not isinstance(h.ensemble, int) or h.ensemble < 1:
+      raise UsageError(f"ensemble must be an integer >= 1; got {h.ensemble!r}")
+    if h.ensemble > 1 and self.run.dp is not None:
+      raise UsageError("ensemble > 1 with --dp: every member would spend the privacy "
+                       "budget again; train one DP model instead")
+    if not 0 <= h.mr_fold < MR_NUM_FOLDS:
+      raise UsageError(f"mr_fold must be in [0, {MR_NUM_FOLDS}); got {h.mr_fold}")
+    if not 0.0 <= h.valid_fraction < 1.0:
+      raise UsageError(f"valid_fraction must be in [0, 1); got {h.valid_fraction}")
+    for name in ("batch_size", "eval_batch_size", "pad_multiple", "max_epochs", "max_len"):
+      if getattr(h, name) < 1:
+        raise UsageError(f"{name} must be >= 1; got {getattr(h, name)}")
+    if h.optimizer not in ("adam", "sgd"):
+      raise UsageError(f"optimizer must be 'adam' or 'sgd'; got {h.optimizer!r}")
+    if h.lr_schedule not in ("cosine", "constant"):
+      raise UsageError(f"lr_schedule must be 'cosine' or 'constant'; got "
+                       f"{h.lr_schedule!r}")
+    if not h.learning_rate > 0:
+      raise UsageError(f"learning_rate must be positive; got {h.learning_rate}")
+
+  @property
+  def max_epochs(self) -> int:
+    """``run.max_epochs`` (``--max-epochs``), else ``hparams.max_epochs``."""
+    return self.run.max_epochs or self.hparams.max_epochs
+
+  def describe(self) -> dict:
+    """What a resumed run must share with the checkpoint's (JSON-able)."""
+    return {"dataset": self.dataset, "name": self.name,
+            "hparams": dataclasses.asdict(self.hparams), **self.run.describe()}

@@ -17,7 +17,11 @@ DP-SGD (``--dp``, privacy unit: one training example): the gradient is
 summed), and the optimizer is ``optax.chain(add_noise(sigma, C), scale(1 / B), adam | sgd)``;
 every line of metrics.jsonl adds ``epsilon, noise_multiplier, dp_max_norm, delta``, and
 ``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example norm and the fraction
-of examples clipped. See ``common.add_dp_arguments``.
+of examples clipped. See ``training.dp.add_dp_arguments``.
+
+The Python entry point is :func:`train_and_evaluate` ``(config, workdir)`` with a
+``configs.TrainConfig``; it resumes from the latest checkpoint in ``workdir`` when there
+is one (the command line asks for ``--resume`` then).
 
 Data: IMDB (Maas et al. 2011) and MR (Pang & Lee 2005); see ``input_pipeline``.
 Model: Hochreiter & Schmidhuber (1997) LSTM; see ``models``.
@@ -39,15 +43,21 @@ import pathlib
 import time
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradclip_jax.training import common
+from gradclip_jax.training import checkpoints, flags, mesh as mesh_lib, steps
+from gradclip_jax.training import dp as dp_lib
 from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import input_pipeline
 from gradclip_jax.training.classify import models
+from gradclip_jax.training.errors import Interrupted, UsageError
+from gradclip_jax.training.interrupt import catch_signals
+from gradclip_jax.training.metrics import MetricsWriter, is_primary, progress_bar, report
+from gradclip_jax.training.state import TrainState, distinct_buffers
 
 _METRIC_FLUSH_EVERY = 20  # Steps between host syncs of the per-step metrics.
 
@@ -58,57 +68,78 @@ _METRIC_FLUSH_EVERY = 20  # Steps between host syncs of the per-step metrics.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Flags of ``gradclip classify`` (the shared ones come from ``common``)."""
+  """Flags of ``gradclip classify`` (the shared ones: ``training.flags``)."""
   parser.add_argument("--dataset", required=True, choices=input_pipeline.DATASETS,
                       help="imdb (Maas et al. 2011) or mr (Pang & Lee 2005)")
-  common.add_common_arguments(parser, default_clip="global_norm")
+  flags.add_common_arguments(parser, default_clip="global_norm")
   g = parser.add_argument_group("classify options")
   g.add_argument("--config", choices=configs.NAMES, default=None,
-                 help="named config (default: the one named like --dataset)")
-  g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="override a config field, e.g. --set hidden_size=64 (repeatable)")
+                 help="named config (default: the one named like --dataset); --set "
+                 "FIELD=VALUE changes one of its fields")
   g.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
-  g.add_argument("--learning-rate", type=float, default=None)
-  g.add_argument("--batch-size", type=int, default=None)
-  g.add_argument("--mr-fold", type=int, default=None,
+  g.add_argument("--learning-rate", type=flags.positive_float, default=None)
+  g.add_argument("--batch-size", type=flags.positive_int, default=None)
+  g.add_argument("--mr-fold", type=flags.nonnegative_int, default=None,
                  help="MR: test fold 0-9 of the seeded 10-fold split (default 0)")
-  g.add_argument("--max-examples", type=int, default=None,
+  g.add_argument("--max-examples", type=flags.positive_int, default=None,
                  help="use at most this many examples per split (smoke runs)")
   g.add_argument("--cache-dir", type=pathlib.Path, default=None,
                  help="tokenized-data cache (default: WORKDIR/data_cache)")
-  common.add_dp_arguments(parser, unit="one training example (review or sentence)")
+  dp_lib.add_dp_arguments(parser, unit="one training example (review or sentence)")
 
 
-def config_from_args(args: argparse.Namespace) -> configs.ClassifyConfig:
-  cfg = configs.override(configs.get_config(args.config or args.dataset), args.set)
-  flags = {"optimizer": args.optimizer, "learning_rate": args.learning_rate,
-           "batch_size": args.batch_size, "mr_fold": args.mr_fold,
-           "max_examples": args.max_examples, "max_epochs": args.max_epochs}
-  return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+def config_from_args(args: argparse.Namespace) -> configs.TrainConfig:
+  """The run's config from the parsed flags (``UsageError`` for a bad one)."""
+  name = args.config or args.dataset
+  cfg = flags.override(configs.get_config(name), args.set)
+  fields = {"optimizer": args.optimizer, "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size, "mr_fold": args.mr_fold,
+            "max_examples": args.max_examples}
+  cfg = dataclasses.replace(cfg, **{k: v for k, v in fields.items() if v is not None})
+  return configs.TrainConfig(run=flags.run_options(args), dataset=args.dataset,
+                             hparams=cfg, name=name, cache_dir=args.cache_dir)
+
+
+def summary(result: dict[str, Any], workdir: pathlib.Path) -> str:
+  """The last line of ``gradclip classify``: the test accuracy and what was tested."""
+  where = f"written to {workdir / 'results.json'}"
+  if "member_test_acc" in result:
+    accs = ", ".join(f"{100 * a:.2f}" for a in result["member_test_acc"])
+    return (f"test accuracy: {100 * result['test_acc']:.2f}% (ensemble of "
+            f"{result['ensemble']}; members {accs}%); {where}")
+  if result["selected_epoch"] is None:
+    how = (f"the final parameters; no evaluation ran: --max-steps {result['steps']} "
+           f"stopped before the end of the first epoch ({result['steps_per_epoch']} "
+           "steps)")
+  elif result["best_eval_acc"] is None:
+    how = (f"epoch {result['selected_epoch']}, the last: valid_fraction=0 leaves no "
+           "validation split to select on")
+  else:
+    how = (f"epoch {result['selected_epoch']}, best eval_acc "
+           f"{100 * result['best_eval_acc']:.2f}%")
+  return f"test accuracy: {100 * result['test_acc']:.2f}% ({how}); {where}"
 
 
 def main(args: argparse.Namespace) -> int:
-  dp = common.dp_flags_from_args(args)
-  cfg = config_from_args(args)
-  result = train_and_evaluate(
-      cfg, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
-      clip=args.clip, clip_value=args.clip_value, seed=args.seed, max_steps=args.max_steps,
-      resume=args.resume, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
-      num_devices=args.num_devices, progress=not args.no_progress, dp=dp)
-  if cfg.ensemble != 1:
-    accs = ", ".join(f"{100 * a:.2f}" for a in result["member_test_acc"])
-    print(f"test accuracy: {100 * result['test_acc']:.2f}% (ensemble of {cfg.ensemble}; "
-          f"members {accs}%); written to {args.workdir / 'results.json'}")
-    return 0
-  how = ("best eval_acc" if result["best_eval_acc"] >= 0 else "last epoch, no valid split")
-  print(f"test accuracy: {100 * result['test_acc']:.2f}% (epoch {result['selected_epoch']}, "
-        f"{how}); written to {args.workdir / 'results.json'}")
+  """``gradclip classify``: checks the flags and the workdir, trains, tests."""
+  config = config_from_args(args)
+  checkpoints.prepare_workdir(args.workdir, resume=args.resume, overwrite=args.overwrite)
+  result = train_and_evaluate(config, args.workdir)
+  report(summary(result, pathlib.Path(args.workdir)))
   return 0
 
 
 # -----------------------------------------------------------------------------------------
 # Model, optimizer and the jitted steps.
 # -----------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ClassifyState(TrainState):
+  """The train state plus ``ema_params``, the parameters' moving average (``None``
+  without ``ema_decay``)."""
+
+  ema_params: Any = None
 
 
 def make_model(cfg: configs.ClassifyConfig, vocab_size: int,
@@ -192,53 +223,52 @@ def ema_update(ema, params, step, decay: float):
   return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), ema, params)
 
 
-def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformation,
-                    base_key: jax.Array, dp: common.DPSettings | None = None,
-                    ema_decay: float = 0.0) -> Callable:
-  """One jitted update; the state (params, opt_state, step[, ema_params]) is donated.
+def init_state(model: models.LSTMClassifier, tx: optax.GradientTransformation,
+               cfg: configs.ClassifyConfig, seed: int) -> ClassifyState:
+  """The initial state: parameters from ``seed``, dropout keys from ``seed`` too."""
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  dummy = jnp.zeros((1, cfg.pad_multiple), jnp.int32)
+  params = model.init(init_key, dummy, dummy > -1)["params"]
+  state = ClassifyState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params), rng=jax.random.key_data(dropout_key),
+                        ema_params=params if cfg.ema_decay > 0 else None)
+  return distinct_buffers(state)
 
-  With ``ema_decay > 0`` the state also holds ``ema_params``, updated by ``ema_update``
-  after every step.
+
+def make_train_step(model: models.LSTMClassifier, tx: optax.GradientTransformation,
+                    dp: dp_lib.DPSettings | None = None, ema_decay: float = 0.0) -> Callable:
+  """One jitted update ``(state, batch) -> (state, metrics)``; the state is donated.
+
+  With ``ema_decay > 0`` the state's ``ema_params`` are updated by ``ema_update`` after
+  every step.
 
   Without ``dp`` the gradient is that of the batch-mean loss. With ``dp`` it is the sum
-  of the per-example gradients clipped to ``dp.max_norm`` (``common.dp_clipped_grad``);
-  ``tx`` must then start with ``common.dp_transform(dp, seed)`` (noise, ``1/B``). The
+  of the per-example gradients clipped to ``dp.max_norm`` (``dp.dp_clipped_grad``);
+  ``tx`` must then start with ``dp.dp_transform(dp, seed)`` (noise, ``1/B``). The
   metrics ``grad_norm`` and ``clipped`` are then the sum of the per-example norms and the
   number of examples clipped (of the real examples: weight > 0).
   """
 
-  def train_step(state, batch):
-    key = jax.random.fold_in(base_key, state["step"])
-    per_example = per_example_loss_fn(model, key)
+  def train_step(state: ClassifyState, batch):
+    per_example = per_example_loss_fn(model, state.step_key())
     inputs = (batch["tokens"], batch["mask"], batch["labels"], batch["weights"])
     count = jnp.sum(batch["weights"])
 
-    if dp is None:
-      def loss_fn(params):
-        losses, (_, correct) = per_example(params, *inputs)
-        loss_sum = jnp.sum(losses)
-        return loss_sum / jnp.maximum(count, 1.0), (loss_sum, jnp.sum(correct))
+    def batch_loss(params):
+      losses, (_, correct) = per_example(params, *inputs)
+      loss_sum = jnp.sum(losses)
+      return loss_sum / jnp.maximum(count, 1.0), (loss_sum, jnp.sum(correct))
 
-      grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(state["params"])
-    else:
-      grads, norms, (losses, correct) = common.dp_clipped_grad(per_example, dp)(
-          state["params"], *inputs)
-      loss_sum, correct = jnp.sum(losses), jnp.sum(correct)
-      stats = common.dp_example_stats(norms, batch["weights"], dp.max_norm)
-    if dp is None:
-      updates, opt_state, grad_norm = common.update_with_norm(
-          tx, grads, state["opt_state"], state["params"])
-      clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.float32)
-    else:
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      grad_norm, clipped = stats["norm_sum"], stats["num_clipped"]
-    new_state = {"params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "step": state["step"] + 1}
+    params, opt_state, (losses, correct), stats = steps.gradient_update(
+        tx, state.params, state.opt_state, dp=dp, batch_loss=batch_loss,
+        per_example_loss=per_example, inputs=inputs, weights=batch["weights"])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay > 0:
-      new_state["ema_params"] = ema_update(state["ema_params"], new_state["params"],
-                                           state["step"], ema_decay)
-    metrics = {"loss_sum": loss_sum, "correct": correct, "count": count,
-               "grad_norm": grad_norm, "clipped": clipped}
+      new_state = new_state.replace(
+          ema_params=ema_update(state.ema_params, params, state.step, ema_decay))
+    # Sums over the batch (with dp the aux is per example; else already summed).
+    metrics = {"loss_sum": jnp.sum(losses), "correct": jnp.sum(correct), "count": count,
+               "grad_norm": stats["grad_norm"], "clipped": stats["clipped"]}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
@@ -261,9 +291,9 @@ def evaluate(eval_step, params, split: input_pipeline.Split, cfg: configs.Classi
   for idx in batches:
     batch = input_pipeline.make_batch(split, idx, pad_multiple=cfg.pad_multiple,
                                       batch_size=cfg.eval_batch_size)
-    pending.append(eval_step(params, common.shard_batch(batch, mesh)))
+    pending.append(eval_step(params, mesh_lib.shard_batch(batch, mesh)))
   probs = None
-  for idx, (sums, p) in zip(batches, jax.device_get(pending)):
+  for idx, (sums, p) in zip(batches, mesh_lib.to_host(pending)):
     totals += np.asarray(sums, dtype=np.float64)
     if probs is None:
       probs = np.zeros((len(split), p.shape[-1]), np.float32)
@@ -283,120 +313,105 @@ def _new_accumulators() -> dict[str, float]:
           "clipped": 0.0, "steps": 0.0, "seconds": 0.0}
 
 
-def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, workdir,
-                       clip: str = "global_norm", clip_value: float | None = None,
-                       seed: int = 0, max_steps: int | None = None, resume: bool = False,
-                       cache_dir=None, checkpoint_every: int = 500,
-                       num_devices: int | None = None, progress: bool = True,
-                       clip_transform: optax.GradientTransformation | None = None,
-                       dp: common.DPFlags | None = None,
-                       ) -> dict[str, Any]:
+def load_data(config: configs.TrainConfig, workdir: pathlib.Path) -> input_pipeline.ClassificationData:
+  """The dataset's splits (``UsageError`` naming the problem and how to get the data)."""
+  h = config.hparams
+  with flags.data_errors(config.dataset, config.run.data_dir):
+    return input_pipeline.load_dataset(
+        config.dataset, config.run.data_dir, vocab_size=h.vocab_size,
+        min_count=h.min_count, max_len=h.max_len, truncate=h.truncate,
+        valid_fraction=h.valid_fraction, split_seed=h.split_seed, mr_fold=h.mr_fold,
+        max_examples=h.max_examples,
+        cache_dir=config.cache_dir if config.cache_dir is not None
+        else workdir / "data_cache")
+
+
+def train_and_evaluate(config: configs.TrainConfig,
+                       workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains, evaluating each epoch, and tests the parameters with the best ``eval_acc``.
 
-  Returns a dict with ``test_acc``, ``selected_epoch``, ``records`` (the metrics.jsonl
-  lines), ``grad_norm_trace`` and ``clipped_trace`` (per step, this process only) and
-  ``examples_per_s``. ``clip_transform`` overrides ``clip``/``clip_value`` (benchmarks).
-  ``dp`` (from ``common.dp_flags_from_args``) trains with DP-SGD instead of ``clip``: the
-  noise multiplier is derived over ``max_epochs`` full epochs (``max_steps`` does not
-  change it), and every record adds the epsilon spent so far. ``cfg.ensemble > 1``
-  trains that many models and tests their mean probabilities (see ``_train_ensemble``).
+  Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
+  ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
+  after the current step with a checkpoint: :class:`~gradclip_jax.training.errors.
+  Interrupted`.
+
+  Returns a dict with what ``results.json`` holds (``test_acc``, ``selected_epoch`` --
+  ``None`` if no epoch finished, then the final parameters are tested --,
+  ``best_eval_acc`` -- ``None`` without an evaluation --, ``examples_per_s`` -- ``None``
+  if no step ran in this call --, ...) plus ``records`` (the metrics.jsonl lines),
+  ``grad_norm_trace`` and ``clipped_trace`` (per step of this call), ``test_probs`` and
+  ``test_labels``. With ``run.dp`` the noise multiplier is derived over ``max_epochs``
+  full epochs (``max_steps`` does not change it), and every record adds the epsilon
+  spent so far. ``hparams.ensemble > 1`` trains that many models and tests their mean
+  probabilities (see ``_train_ensemble``).
   """
   workdir = pathlib.Path(workdir)
-  if cfg.ensemble != 1:
-    return _train_ensemble(
-        cfg, dataset=dataset, data_dir=data_dir, workdir=workdir, clip=clip,
-        clip_value=clip_value, seed=seed, max_steps=max_steps, resume=resume,
-        cache_dir=cache_dir, checkpoint_every=checkpoint_every, num_devices=num_devices,
-        progress=progress, clip_transform=clip_transform, dp=dp)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if config.hparams.ensemble != 1:
+    return _train_ensemble(config, workdir)
+  run, cfg = config.run, config.hparams
+  if is_primary():
+    workdir.mkdir(parents=True, exist_ok=True)
   t_load = time.perf_counter()
-  data = input_pipeline.load_dataset(
-      dataset, data_dir, vocab_size=cfg.vocab_size, min_count=cfg.min_count,
-      max_len=cfg.max_len, truncate=cfg.truncate, valid_fraction=cfg.valid_fraction,
-      split_seed=cfg.split_seed, mr_fold=cfg.mr_fold, max_examples=cfg.max_examples,
-      cache_dir=cache_dir if cache_dir is not None else workdir / "data_cache")
+  data = load_data(config, workdir)
   load_seconds = time.perf_counter() - t_load
   if len(data.train) < cfg.batch_size:
-    raise ValueError(f"{len(data.train)} training examples < batch size {cfg.batch_size}")
-  print(f"{dataset}: train {len(data.train)}, valid {len(data.valid)}, test "
-        f"{len(data.test)}, vocab {len(data.vocab)}; loaded in {load_seconds:.1f}s")
+    raise UsageError(f"{len(data.train)} training examples < batch size {cfg.batch_size}")
+  report(f"{config.dataset}: train {len(data.train)}, valid {len(data.valid)}, test "
+         f"{len(data.test)}, vocab {len(data.vocab)}; loaded in {load_seconds:.1f}s")
 
   steps_per_epoch = len(data.train) // cfg.batch_size
-  total_steps = steps_per_epoch * cfg.max_epochs
-  if max_steps is not None:
-    total_steps = min(total_steps, max_steps)
+  planned_steps = steps_per_epoch * config.max_epochs
+  total_steps = planned_steps if run.max_steps is None else min(planned_steps, run.max_steps)
 
-  mesh = common.make_mesh(common.num_data_devices(cfg.batch_size, num_devices))
+  mesh = mesh_lib.make_mesh(mesh_lib.num_data_devices(cfg.batch_size, run.num_devices))
   if mesh is not None and cfg.eval_batch_size % mesh.size:
-    raise ValueError(f"eval_batch_size {cfg.eval_batch_size} is not divisible by the "
+    raise UsageError(f"eval_batch_size {cfg.eval_batch_size} is not divisible by the "
                      f"{mesh.size} data-parallel devices")
   model = make_model(cfg, len(data.vocab), data.num_classes)
-  dp_settings = None
-  if dp is not None:
-    if clip_transform is not None:
-      raise ValueError("dp and clip_transform exclude each other")
-    dp_settings = dp.resolve(batch_size=cfg.batch_size, dataset_size=len(data.train),
-                             planned_steps=steps_per_epoch * cfg.max_epochs,
-                             default_max_norm=cfg.max_grad_norm)
-    print(dp_settings.describe())
-    clip, clip_value = "dp", None
-    clip_transform = common.dp_transform(dp_settings, seed)
-  if clip_transform is None:
-    clip_transform = common.build_clip(clip, clip_value, cfg.max_grad_norm)
-  tx = make_optimizer(cfg, clip_transform, steps_per_epoch * cfg.max_epochs)
-
-  init_key, dropout_key = jax.random.split(jax.random.key(seed))
-  dummy = jnp.zeros((1, cfg.pad_multiple), jnp.int32)
-  params = model.init(init_key, dummy, dummy > -1)["params"]
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  if not 0.0 <= cfg.ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1); got {cfg.ema_decay}")
-  if cfg.ema_decay > 0:
-    state["ema_params"] = params
-  # Distinct buffers for every leaf: a rule's init may reuse one array in two fields, and
-  # the train step donates its state.
-  state = common.replicate(jax.tree.map(jnp.copy, state), mesh)
-  best_params = jax.tree.map(jnp.copy, state["params"])
-
-  ckpt = common.Checkpointer(workdir)
-  meta = {"acc": _new_accumulators(), "records": [], "best_eval_acc": -1.0,
-          "best_epoch": 0, "dp": None if dp_settings is None else dp_settings.as_meta()}
-  if resume:
-    if ckpt.latest_step() is not None:
-      _, saved = ckpt.restore_meta()
-      common.check_dp_resume(saved.get("dp"), dp_settings)
-    restored = ckpt.restore({"train": state, "best_params": best_params})
-    if restored is None:
-      print(f"--resume: no checkpoint in {ckpt.directory}; starting from scratch")
-    else:
-      tree, meta = restored
-      state, best_params = tree["train"], tree["best_params"]
-      print(f"resumed from step {int(state['step'])}")
-  metrics_writer = common.MetricsWriter(workdir, meta["records"])
-
-  train_step = make_train_step(model, tx, dropout_key, dp_settings, cfg.ema_decay)
+  clip, dp = steps.clip_or_dp(run, cfg.max_grad_norm, batch_size=cfg.batch_size,
+                              dataset_size=len(data.train), planned_steps=planned_steps)
+  tx = make_optimizer(cfg, clip, planned_steps)
+  state = mesh_lib.replicate(init_state(model, tx, cfg, run.seed), mesh)
   eval_key = "ema_params" if cfg.ema_decay > 0 else "params"  # What is evaluated/tested.
+  best_params = jax.tree.map(jnp.copy, getattr(state, eval_key))
+
+  described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
+  ckpt = checkpoints.Checkpointer(workdir)
+  meta = {"acc": _new_accumulators(), "records": [], "best_eval_acc": None,
+          "best_epoch": None, "config": described}
+  latest = ckpt.restore_meta()
+  if latest is not None:
+    checkpoints.check_resume_config(latest[1].get("config"), described)
+    tree, meta = ckpt.restore({"train": state, "best_params": best_params})
+    state, best_params = tree["train"], tree["best_params"]
+    report(f"resumed from step {int(state.step)}")
+  metrics_writer = MetricsWriter(workdir, meta["records"])
+
+  train_step = make_train_step(model, tx, dp, cfg.ema_decay)
   eval_step = make_eval_step(model)
-  step = int(state["step"])
+  step = int(state.step)
   acc = meta["acc"]
+  run_count = run_seconds = 0.0  # this call's examples and seconds
   grad_trace: list[float] = []
   clip_trace: list[bool] = []
-  bar = common.progress_bar(total_steps, f"classify {dataset}", initial=step,
-                            disable=not progress)
+  bar = progress_bar(total_steps, f"classify {config.dataset}", initial=step,
+                     disable=not run.progress)
 
   def save():
     meta["acc"] = acc
     ckpt.save(step, {"train": state, "best_params": best_params}, meta)
 
   def flush(pending):
-    for m in jax.device_get(pending):
+    nonlocal run_count
+    for m in mesh_lib.to_host(pending):
       acc["loss_sum"] += float(m["loss_sum"])
       acc["correct"] += float(m["correct"])
       acc["count"] += float(m["count"])
       acc["grad_norm_sum"] += float(m["grad_norm"])
       acc["clipped"] += float(m["clipped"])
       acc["steps"] += 1
-      if dp_settings is None:
+      run_count += float(m["count"])
+      if dp is None:
         grad_trace.append(float(m["grad_norm"]))
         clip_trace.append(bool(m["clipped"]))
       else:  # The mean per-example norm; some example clipped.
@@ -408,121 +423,133 @@ def train_and_evaluate(cfg: configs.ClassifyConfig, *, dataset: str, data_dir, w
                       acc=f"{acc['correct'] / acc['count']:.3f}")
 
   def epoch_record(epoch: int, eval_acc: float | None) -> dict:
-    n, steps = max(acc["count"], 1.0), max(acc["steps"], 1.0)
-    per = steps if dp_settings is None else n  # DP: per example, else per step.
+    n, steps_done = max(acc["count"], 1.0), max(acc["steps"], 1.0)
+    per = steps_done if dp is None else n  # DP: per example, else per step.
     record = {"epoch": epoch, "step": step, "train_loss": acc["loss_sum"] / n,
               "train_acc": acc["correct"] / n, "eval_acc": eval_acc,
               "grad_norm_mean": acc["grad_norm_sum"] / per,
               "clip_fraction": acc["clipped"] / per,
-              "examples_per_s": acc["count"] / max(acc["seconds"], 1e-9)}
-    if dp_settings is not None:
-      record.update(dp_settings.record(step))
+              "examples_per_s": acc["count"] / acc["seconds"] if acc["seconds"] > 0
+              else None}
+    if dp is not None:
+      record.update(dp.record(step))
     return record
 
-  while step < total_steps:
-    epoch, pos = divmod(step, steps_per_epoch)
-    batches = input_pipeline.bucketed_batches(
-        data.train.lengths, cfg.batch_size, seed=seed, epoch=epoch,
-        chunk_batches=cfg.bucket_chunk_batches)
-    t0, pending = time.perf_counter(), []
-    for idx in batches[pos:]:
-      batch = input_pipeline.make_batch(data.train, idx, pad_multiple=cfg.pad_multiple)
-      state, m = train_step(state, common.shard_batch(batch, mesh))
-      pending.append(m)
-      step += 1
-      bar.update(1)
-      if len(pending) >= _METRIC_FLUSH_EVERY:
-        flush(pending)
-      if step >= total_steps or (checkpoint_every and step % checkpoint_every == 0):
-        break
-    flush(pending)
-    acc["seconds"] += time.perf_counter() - t0
-    if step % steps_per_epoch == 0:  # End of an epoch.
-      eval_acc = evaluate(eval_step, state[eval_key], data.valid, cfg, mesh)["acc"] \
-          if len(data.valid) else None
-      record = epoch_record(epoch + 1, eval_acc)
-      metrics_writer.write(record)
-      meta["records"] = metrics_writer.records
-      score = -1.0 if eval_acc is None else eval_acc
-      if eval_acc is None or score > meta["best_eval_acc"]:  # No valid split: the last.
-        meta["best_eval_acc"], meta["best_epoch"] = score, epoch + 1
-        best_params = jax.tree.map(jnp.copy, state[eval_key])
-      eps = f" epsilon {record['epsilon']:.3f}" if dp_settings is not None else ""
-      bar.write(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} train_acc "
-                f"{record['train_acc']:.4f} eval_acc {eval_acc if eval_acc is None else round(eval_acc, 4)} "
-                f"grad_norm {record['grad_norm_mean']:.3f} clip {record['clip_fraction']:.3f} "
-                f"{record['examples_per_s']:.0f} ex/s{eps}")
-      acc = _new_accumulators()
+  first_step = True
+  with catch_signals() as stop:
+    while step < total_steps:
+      epoch, pos = divmod(step, steps_per_epoch)
+      batches = input_pipeline.bucketed_batches(
+          data.train.lengths, cfg.batch_size, seed=run.seed, epoch=epoch,
+          chunk_batches=cfg.bucket_chunk_batches)
+      t0, pending = time.perf_counter(), []
+      for idx in batches[pos:]:
+        batch = input_pipeline.make_batch(data.train, idx, pad_multiple=cfg.pad_multiple)
+        state, m = train_step(state, mesh_lib.shard_batch(batch, mesh))
+        pending.append(m)
+        step += 1
+        bar.update(1)
+        if first_step:
+          jax.block_until_ready(state.step)
+          report(f"step {step}: compiled and ran in {time.perf_counter() - t0:.1f}s")
+          first_step = False
+        if len(pending) >= _METRIC_FLUSH_EVERY:
+          flush(pending)
+        if step >= total_steps or stop or (run.checkpoint_every
+                                           and step % run.checkpoint_every == 0):
+          break
+      flush(pending)
+      seconds = time.perf_counter() - t0
+      acc["seconds"] += seconds
+      run_seconds += seconds
+      if step % steps_per_epoch == 0:  # End of an epoch.
+        eval_acc = evaluate(eval_step, getattr(state, eval_key), data.valid, cfg,
+                            mesh)["acc"] if len(data.valid) else None
+        record = epoch_record(epoch + 1, eval_acc)
+        metrics_writer.write(record)
+        meta["records"] = metrics_writer.records
+        # Select on eval_acc; without a validation split, the last epoch.
+        if eval_acc is None or meta["best_eval_acc"] is None \
+            or eval_acc > meta["best_eval_acc"]:
+          meta["best_eval_acc"], meta["best_epoch"] = eval_acc, epoch + 1
+          best_params = jax.tree.map(jnp.copy, getattr(state, eval_key))
+        eps = f" epsilon {record['epsilon']:.3f}" if dp is not None else ""
+        shown = "none (no validation split)" if eval_acc is None else f"{eval_acc:.4f}"
+        if is_primary():
+          bar.write(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} train_acc "
+                    f"{record['train_acc']:.4f} eval_acc {shown} grad_norm "
+                    f"{record['grad_norm_mean']:.3f} clip {record['clip_fraction']:.3f} "
+                    f"{record['examples_per_s']:.0f} ex/s{eps}")
+        acc = _new_accumulators()
+      elif step >= total_steps:  # Stopped inside an epoch: report it, keep it resumable.
+        metrics_writer.write({**epoch_record(epoch + 1, None), "partial": True},
+                             keep=False)
       save()
-    elif step >= total_steps:  # Stopped inside an epoch: report it, keep it resumable.
-      metrics_writer.write({**epoch_record(epoch + 1, None), "partial": True})
-      metrics_writer.records.pop()  # Not part of the resumable record list.
-      save()
-    else:
-      save()
+      if stop and step < total_steps:
+        bar.close()
+        ckpt.close()
+        raise Interrupted(stop.signum, step, workdir)
   bar.close()
   ckpt.close()
 
   # Test the parameters with the best eval_acc (the final ones if no epoch finished).
   selected = meta["best_epoch"]
-  test_params = best_params if selected else state[eval_key]
+  test_params = best_params if selected else getattr(state, eval_key)
   test = evaluate(eval_step, test_params, data.test, cfg, mesh)
   records = metrics_writer.records
-  eps = [r["examples_per_s"] for r in records]
-  result = {"dataset": dataset, "clip": clip, "clip_value": clip_value, "seed": seed,
-            "steps": step, "test_acc": test["acc"], "test_loss": test["loss"],
-            "selected_epoch": selected, "best_eval_acc": meta["best_eval_acc"],
-            "load_seconds": load_seconds,
-            "examples_per_s": float(np.mean(eps)) if eps else None,
-            "config": dataclasses.asdict(cfg)}
-  if dp_settings is not None:
-    result["dp"] = {**dataclasses.asdict(dp_settings), **dp_settings.record(step)}
-  (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-  np.savez(workdir / "predictions.npz", test_probs=test["probs"], test_labels=data.test.labels)
+  hparams = dataclasses.replace(cfg, max_epochs=config.max_epochs)
+  result = {"dataset": config.dataset, "clip": run.clip, "clip_value": run.clip_value,
+            "seed": run.seed, "steps": step, "steps_per_epoch": steps_per_epoch,
+            "test_acc": test["acc"], "test_loss": test["loss"], "selected_epoch": selected,
+            "best_eval_acc": meta["best_eval_acc"], "load_seconds": load_seconds,
+            "examples_per_s": run_count / run_seconds if run_seconds > 0 else None,
+            "config": dataclasses.asdict(hparams)}
+  if dp is not None:
+    result["dp"] = {**dataclasses.asdict(dp), **dp.record(step)}
+  if is_primary():
+    (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    np.savez(workdir / "predictions.npz", test_probs=test["probs"],
+             test_labels=data.test.labels)
   return {**result, "records": records, "grad_norm_trace": grad_trace,
           "clipped_trace": clip_trace, "test_probs": test["probs"],
           "test_labels": data.test.labels}
 
 
-def _train_ensemble(cfg: configs.ClassifyConfig, *, workdir: pathlib.Path, seed: int,
-                    dp: common.DPFlags | None, cache_dir, **kwargs) -> dict[str, Any]:
-  """Trains ``cfg.ensemble`` models and tests the mean of their class probabilities.
+def _train_ensemble(config: configs.TrainConfig, workdir: pathlib.Path) -> dict[str, Any]:
+  """Trains ``hparams.ensemble`` models and tests the mean of their class probabilities.
 
   Member ``k`` is an ordinary run with seed ``seed + k`` (its own initialisation, dropout
   and batch order; the same data split and vocabulary) in ``WORKDIR/member-k``, with
-  its own checkpoints, so ``--resume`` picks up where the ensemble stopped. The ensemble
+  its own checkpoints, so a resumed run picks up where the ensemble stopped. The ensemble
   predicts the class with the highest mean probability: an ensemble of independently
   trained networks (Hansen & Salamon 1990, "Neural network ensembles";
   Lakshminarayanan et al. 2017, "Simple and scalable predictive uncertainty estimation
   using deep ensembles"). ``results.json`` has the ensemble's ``test_acc`` and
   ``test_loss`` (cross-entropy of the mean probabilities) and every member's accuracy.
   """
-  members = cfg.ensemble
-  if not isinstance(members, int) or members < 1:
-    raise ValueError(f"ensemble must be an integer >= 1; got {members!r}")
-  if dp is not None:
-    raise ValueError("ensemble > 1 with --dp: every member would spend the privacy "
-                     "budget again; train one DP model instead")
-  single = dataclasses.replace(cfg, ensemble=1)
-  cache_dir = cache_dir if cache_dir is not None else workdir / "data_cache"
+  members, seed = config.hparams.ensemble, config.run.seed
+  cache_dir = config.cache_dir if config.cache_dir is not None else workdir / "data_cache"
   runs = []
   for k in range(members):
-    print(f"ensemble member {k + 1}/{members} (seed {seed + k})")
-    runs.append(train_and_evaluate(single, workdir=workdir / f"member-{k}", seed=seed + k,
-                                   dp=None, cache_dir=cache_dir, **kwargs))
+    report(f"ensemble member {k + 1}/{members} (seed {seed + k})")
+    member = dataclasses.replace(
+        config, hparams=dataclasses.replace(config.hparams, ensemble=1),
+        run=dataclasses.replace(config.run, seed=seed + k), cache_dir=cache_dir)
+    runs.append(train_and_evaluate(member, workdir / f"member-{k}"))
   labels = runs[0]["test_labels"]
   probs = np.mean([r["test_probs"] for r in runs], axis=0)
-  true_probs = probs[np.arange(len(labels)), labels] if len(labels) else probs[:0, 0]
+  true_probs = probs[np.arange(len(labels)), labels]
   member_accs = [r["test_acc"] for r in runs]
-  result = {"dataset": runs[0]["dataset"], "clip": runs[0]["clip"],
-            "clip_value": runs[0]["clip_value"], "seed": seed, "ensemble": members,
-            "test_acc": float(np.mean(np.argmax(probs, -1) == labels)) if len(labels) else 0.0,
-            "test_loss": float(-np.mean(np.log(np.maximum(true_probs, 1e-12))))
-            if len(labels) else 0.0,
+  result = {"dataset": config.dataset, "clip": config.run.clip,
+            "clip_value": config.run.clip_value, "seed": seed, "ensemble": members,
+            "test_acc": float(np.mean(np.argmax(probs, -1) == labels)),
+            "test_loss": float(-np.mean(np.log(np.maximum(true_probs, 1e-12)))),
             "member_test_acc": member_accs,
             "member_test_acc_mean": float(np.mean(member_accs)),
             "member_workdirs": [f"member-{k}" for k in range(members)],
-            "config": dataclasses.asdict(cfg)}
-  (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-  np.savez(workdir / "predictions.npz", test_probs=probs, test_labels=labels)
+            "config": dataclasses.asdict(
+                dataclasses.replace(config.hparams, max_epochs=config.max_epochs))}
+  if is_primary():
+    (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    np.savez(workdir / "predictions.npz", test_probs=probs, test_labels=labels)
   return {**result, "members": runs, "test_probs": probs, "test_labels": labels}

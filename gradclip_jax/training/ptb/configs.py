@@ -7,6 +7,10 @@ tutorial's tiny config for smoke runs.
 from __future__ import annotations
 
 import dataclasses
+import typing
+
+if typing.TYPE_CHECKING:
+  from gradclip_jax.training.options import RunOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +60,47 @@ def get_config(name: str) -> Config:
     return CONFIGS[name]
   except KeyError:
     raise ValueError(f"unknown PTB config {name!r}; choose one of {sorted(CONFIGS)}") from None
+
+
+#: ``--matmul-dtype``: input dtype of the large matmuls (``models.PTBModel.matmul_dtype``).
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything ``gradclip ptb`` runs: the tutorial config and the run's options.
+
+  Attributes:
+    run: the options shared with ``gradclip classify`` (data, clipping rule, seed,
+      length, checkpoints, devices, DP-SGD); see ``training.options.RunOptions``.
+    hparams: the tutorial's hyper-parameters (:data:`CONFIGS`, after ``--set``).
+    name: the name of the tutorial config they come from (``--config``).
+    matmul_dtype: one of :data:`MATMUL_DTYPES` (``--matmul-dtype``).
+    max_tokens: use only the first ``max_tokens`` tokens of each split (smoke runs).
+  """
+
+  run: "RunOptions"
+  hparams: Config = CONFIGS["small"]
+  name: str = "small"
+  matmul_dtype: str = "float32"
+  max_tokens: int | None = None
+
+  def __post_init__(self):
+    from gradclip_jax.training.errors import UsageError  # pylint: disable=import-outside-toplevel
+
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise UsageError(f"matmul_dtype must be one of {MATMUL_DTYPES}; got "
+                       f"{self.matmul_dtype!r}")
+    if self.max_tokens is not None and self.max_tokens < 2:
+      raise UsageError(f"--max-tokens must be >= 2, got {self.max_tokens}")
+
+  @property
+  def max_epochs(self) -> int:
+    """``run.max_epochs``, else the tutorial's ``max_max_epoch``."""
+    return self.run.max_epochs or self.hparams.max_max_epoch
+
+  def describe(self) -> dict:
+    """What a resumed run must share with the checkpoint's (JSON-able)."""
+    return {"hparams": dataclasses.asdict(self.hparams), "name": self.name,
+            "matmul_dtype": self.matmul_dtype, "max_tokens": self.max_tokens,
+            **self.run.describe()}

@@ -12,7 +12,11 @@ One jitted, buffer-donating train step per window; per-epoch metrics go to
 ``WORKDIR/metrics.jsonl``, orbax checkpoints to ``WORKDIR/checkpoints``. With several
 devices the batch is sharded over a 1-D mesh and parameters are replicated.
 
-DP-SGD (``--dp``; see ``common.add_dp_arguments``): the privacy unit is one sequence
+The Python entry point is :func:`train_and_evaluate` ``(config, workdir)`` with a
+``configs.TrainConfig``; it resumes from the latest checkpoint in ``workdir`` when there
+is one (the command line asks for ``--resume`` then).
+
+DP-SGD (``--dp``; see ``training.dp.add_dp_arguments``): the privacy unit is one sequence
 window, i.e. one row of a batch (``num_steps`` inputs and their ``num_steps`` targets, so
 ``num_steps + 1`` tokens; neighbouring windows share one token).
 So that a window's gradient depends on that window alone, every window starts from the
@@ -33,25 +37,30 @@ Records add ``epsilon, noise_multiplier, dp_max_norm, delta``; ``grad_norm_*`` a
 from __future__ import annotations
 
 import argparse
-import logging
 import math
+import pathlib
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gradclip_jax.training import common
+from gradclip_jax.training import checkpoints, flags, mesh as mesh_lib, steps
+from gradclip_jax.training import dp as dp_lib
+from gradclip_jax.training.errors import Interrupted, UsageError
+from gradclip_jax.training.interrupt import catch_signals
+from gradclip_jax.training.metrics import MetricsWriter, progress_bar, report
 from gradclip_jax.training.ptb import configs, input_pipeline, models
-
-log = logging.getLogger(__name__)
+from gradclip_jax.training.state import TrainState, distinct_buffers
 
 # Window length used to evaluate the test set with batch size 1; since the LSTM state is
 # carried across windows this equals the tutorial's batch_size=1, num_steps=1 evaluation.
 TEST_WINDOW = 1000
+MATMUL_DTYPES = configs.MATMUL_DTYPES
 
 
 # ---------------------------------------------------------------------------
@@ -62,22 +71,35 @@ TEST_WINDOW = 1000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Flags of ``gradclip ptb``."""
   parser.add_argument("--config", choices=sorted(configs.CONFIGS), default="small",
-                      help="tutorial configuration (default small)")
-  common.add_common_arguments(parser, default_clip="global_norm")
-  parser.add_argument("--max-tokens", type=int, default=None,
-                      help="use only the first N tokens of each split (smoke runs)")
-  parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
-                      help="input dtype of the large matmuls (input projections, softmax; "
-                      "forward and backward), accumulated in float32; bfloat16 is mixed "
-                      "precision: parameters, recurrence, loss and optimizer stay float32 "
-                      "(default float32, the tutorial's)")
-  common.add_dp_arguments(parser, unit="one sequence window (one row of a batch)",
+                      help="tutorial configuration (default small); --set FIELD=VALUE "
+                      "changes one of its fields")
+  flags.add_common_arguments(parser, default_clip="global_norm")
+  g = parser.add_argument_group("ptb options")
+  g.add_argument("--max-tokens", type=flags.positive_int, default=None,
+                 help="use only the first N tokens of each split (smoke runs)")
+  g.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
+                 help="input dtype of the large matmuls (input projections, softmax; "
+                 "forward and backward), accumulated in float32; bfloat16 is mixed "
+                 "precision: parameters, recurrence, loss and optimizer stay float32 "
+                 "(default float32, the tutorial's)")
+  dp_lib.add_dp_arguments(parser, unit="one sequence window (one row of a batch)",
                           default_method="vmap")
 
 
+def config_from_args(args: argparse.Namespace) -> configs.TrainConfig:
+  """The run's config from the parsed flags (``UsageError`` for a bad one)."""
+  hparams = flags.override(configs.get_config(args.config), args.set)
+  return configs.TrainConfig(run=flags.run_options(args), hparams=hparams,
+                             name=args.config, matmul_dtype=args.matmul_dtype,
+                             max_tokens=args.max_tokens)
+
+
 def main(args: argparse.Namespace) -> int:
-  records = train_and_evaluate(args)
-  return 0 if records else 1
+  """``gradclip ptb``: checks the flags and the workdir, trains, tests."""
+  config = config_from_args(args)
+  checkpoints.prepare_workdir(args.workdir, resume=args.resume, overwrite=args.overwrite)
+  train_and_evaluate(config, args.workdir)
+  return 0
 
 
 # ---------------------------------------------------------------------------
@@ -85,7 +107,13 @@ def main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-MATMUL_DTYPES = ("float32", "bfloat16")
+@flax.struct.dataclass
+class PTBState(TrainState):
+  """The train state plus the LSTM ``carry`` (carried across the windows of an epoch)
+  and ``acc``, the epoch's metric accumulators (summed on device by the step)."""
+
+  carry: Any = None
+  acc: Any = None
 
 
 def build_model(config: configs.Config, matmul_dtype: str = "float32") -> models.PTBModel:
@@ -119,29 +147,26 @@ def zero_accumulators() -> dict[str, jax.Array]:
 
 
 def init_state(model: models.PTBModel, tx: optax.GradientTransformation,
-               config: configs.Config, seed: int) -> dict[str, Any]:
+               config: configs.Config, seed: int) -> PTBState:
   """Everything the train step updates (and a checkpoint stores)."""
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
   carry = model.initial_carry(config.batch_size)
   tokens = jnp.zeros((config.batch_size, config.num_steps), jnp.int32)
   params = jax.jit(model.init)(init_key, carry, tokens)["params"]
-  state = {"params": params, "opt_state": tx.init(params), "carry": carry,
-           "key": jax.random.key_data(dropout_key), "step": jnp.zeros((), jnp.int32),
-           "acc": zero_accumulators()}
-  # Distinct buffers for every leaf (an optimizer state may share one array between
-  # fields), since the train step donates them all.
-  return jax.tree.map(jnp.copy, state)
+  state = PTBState(step=jnp.zeros((), jnp.int32), params=params,
+                   opt_state=tx.init(params), rng=jax.random.key_data(dropout_key),
+                   carry=carry, acc=zero_accumulators())
+  return distinct_buffers(state)
 
 
-def state_shardings(state: dict[str, Any], mesh) -> Any:
+def state_shardings(state: PTBState, mesh) -> PTBState:
   """Batch-sharded LSTM carry, everything else replicated."""
-  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(common.DATA_AXIS))
+  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
   out = jax.tree.map(lambda _: rep, state)
-  out["carry"] = jax.tree.map(lambda _: batch, state["carry"])
-  return out
+  return out.replace(carry=jax.tree.map(lambda _: batch, state.carry))
 
 
-def place_state(state: dict[str, Any], mesh) -> dict[str, Any]:
+def place_state(state: PTBState, mesh) -> PTBState:
   if mesh is None:
     return jax.device_put(state)
   return jax.device_put(state, state_shardings(state, mesh))
@@ -168,50 +193,41 @@ def per_window_loss_fn(model: models.PTBModel, key: jax.Array):
 
 def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
                     state_sharding=None, batch_sharding=None,
-                    dp: common.DPSettings | None = None):
+                    dp: dp_lib.DPSettings | None = None):
   """The jitted train step ``state, x, y -> state`` (state donated).
 
   With ``dp``: DP-SGD on per-window losses (``per_window_loss_fn``), ``tx`` starting with
-  ``common.dp_transform``; the carry stays zero, and the accumulators ``grad_norm_sum`` /
+  ``dp.dp_transform``; the carry stays zero, and the accumulators ``grad_norm_sum`` /
   ``grad_norm_max`` / ``clipped`` hold the per-window norms' sum and max and the number of
   windows clipped.
   """
 
-  def train_step(state, x, y):
-    params = state["params"]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+  def train_step(state: PTBState, x, y) -> PTBState:
+    key = state.step_key()
 
-    if dp is None:
-      def loss_fn(p):
-        carry, logits = model.apply({"params": p}, state["carry"], x, train=True,
-                                    rngs={"dropout": key})
-        return models.sequence_cost(logits, y), carry
+    def batch_loss(p):
+      carry, logits = model.apply({"params": p}, state.carry, x, train=True,
+                                  rngs={"dropout": key})
+      cost = models.sequence_cost(logits, y)
+      return cost, (cost, carry)
 
-      (cost, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    else:
-      grads, norms, losses = common.dp_clipped_grad(per_window_loss_fn(model, key), dp)(
-          params, x, y)
-      cost, carry = jnp.sum(losses) / x.shape[0], state["carry"]
-      stats = common.dp_example_stats(norms, jnp.ones(norms.shape), dp.max_norm)
+    params, opt_state, aux, stats = steps.gradient_update(
+        tx, state.params, state.opt_state, dp=dp, batch_loss=batch_loss,
+        per_example_loss=per_window_loss_fn(model, key), inputs=(x, y),
+        weights=jnp.ones(x.shape[0]))
     if dp is None:
-      updates, opt_state, grad_norm = common.update_with_norm(tx, grads, state["opt_state"],
-                                                              params)
-      grad_max = grad_norm
-      clipped = common.clipped_this_step(state["opt_state"], opt_state).astype(jnp.int32)
-    else:
-      updates, opt_state = tx.update(grads, state["opt_state"], params)
-      grad_norm, grad_max = stats["norm_sum"], stats["norm_max"]
-      clipped = stats["num_clipped"].astype(jnp.int32)
-    params = optax.apply_updates(params, updates)
-    acc = state["acc"]
+      cost, carry = aux
+    else:  # Every window started from the zero state, which stays.
+      cost, carry = jnp.sum(aux) / x.shape[0], state.carry
+    acc = state.acc
     acc = {"cost": acc["cost"] + cost,
            "words": acc["words"] + y.shape[1],
-           "grad_norm_sum": acc["grad_norm_sum"] + grad_norm,
-           "grad_norm_max": jnp.maximum(acc["grad_norm_max"], grad_max),
-           "clipped": acc["clipped"] + clipped,
+           "grad_norm_sum": acc["grad_norm_sum"] + stats["grad_norm"],
+           "grad_norm_max": jnp.maximum(acc["grad_norm_max"], stats["grad_norm_max"]),
+           "clipped": acc["clipped"] + stats["clipped"].astype(jnp.int32),
            "steps": acc["steps"] + 1}
-    return {"params": params, "opt_state": opt_state, "carry": carry, "key": state["key"],
-            "step": state["step"] + 1, "acc": acc}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         carry=carry, acc=acc)
 
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0)
@@ -249,13 +265,13 @@ def evaluate(model, eval_step, params, ids: np.ndarray, batch_size: int, num_ste
     xs = np.pad(x, (0, pad)).reshape(windows, 1, num_steps)
     ys = np.pad(y, (0, pad)).reshape(windows, 1, num_steps)
     masks = (np.arange(windows * num_steps) < n).astype(np.float32).reshape(xs.shape)
-    place = lambda a: common.replicate(a, mesh)
+    place = lambda a: mesh_lib.replicate(a, mesh)
     batch_size, count = 1, n
   else:
     xs, ys = input_pipeline.batchify(ids, batch_size, num_steps)
     masks = np.ones(xs.shape[1:], np.float32)
     masks = np.broadcast_to(masks, xs.shape)
-    place = lambda a: common.shard_batch(a, mesh)
+    place = lambda a: mesh_lib.shard_batch(a, mesh)
     count = xs.size
   carry = model.initial_carry(batch_size)
   carry = place(carry)
@@ -278,11 +294,11 @@ def _zeros_like(tree):
 
 
 def _epoch_record(epoch: int, lr: float, acc: dict, wps: float,
-                  dp: common.DPSettings | None = None, global_step: int = 0
+                  dp: dp_lib.DPSettings | None = None, global_step: int = 0
                   ) -> dict[str, Any]:
   acc = jax.device_get(acc)
-  steps = max(int(acc["steps"]), 1)
-  per = steps if dp is None else steps * dp.batch_size  # DP: per window
+  steps_done = max(int(acc["steps"]), 1)
+  per = steps_done if dp is None else steps_done * dp.batch_size  # DP: per window
   record = {"epoch": epoch, "lr": lr,
             "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
             "wps": wps,
@@ -308,141 +324,157 @@ def dp_epoch_windows(xs: np.ndarray, ys: np.ndarray, seed: int, epoch: int
   return shuffle(xs), shuffle(ys)
 
 
-def load_data(args: argparse.Namespace, config: configs.Config) -> input_pipeline.PTBData:
-  data = input_pipeline.load_ptb(args.data_dir, vocab_size=config.vocab_size)
-  if args.max_tokens:
-    n = args.max_tokens
+def load_data(config: configs.TrainConfig) -> input_pipeline.PTBData:
+  """The PTB splits of ``config.run.data_dir`` (cut to ``max_tokens``); ``UsageError``
+  naming the problem and how to get the data."""
+  with flags.data_errors("ptb", config.run.data_dir):
+    data = input_pipeline.load_ptb(config.run.data_dir, vocab_size=config.hparams.vocab_size)
+  if config.max_tokens:
+    n = config.max_tokens
     data = data._replace(train=data.train[:n], valid=data.valid[:n], test=data.test[:n])
   return data
 
 
-def train_and_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
-  """Runs ``gradclip ptb``; returns the records written to ``metrics.jsonl``."""
-  dp_flags = common.dp_flags_from_args(args)
-  config = configs.get_config(args.config)
-  max_epochs = args.max_epochs or config.max_max_epoch
-  data = load_data(args, config)
-  xs, ys = input_pipeline.batchify(data.train, config.batch_size, config.num_steps)
+def train_and_evaluate(config: configs.TrainConfig,
+                       workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Trains and tests the PTB model of ``config``; returns the metrics.jsonl records.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
+  ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
+  after the current step with a checkpoint: :class:`~gradclip_jax.training.errors.
+  Interrupted`.
+  """
+  workdir = pathlib.Path(workdir)
+  run, hp = config.run, config.hparams
+  max_epochs = config.max_epochs
+  data = load_data(config)
+  try:
+    xs, ys = input_pipeline.batchify(data.train, hp.batch_size, hp.num_steps)
+  except ValueError as e:
+    raise UsageError(f"--max-tokens {config.max_tokens}: {e}") from None
   epoch_size = len(xs)
 
-  num_devices = common.num_data_devices(config.batch_size, args.num_devices)
-  mesh = common.make_mesh(num_devices)
-  model = build_model(config, args.matmul_dtype)
-  dp = None
-  if dp_flags is None:
-    clip = common.build_clip(args.clip, args.clip_value, config.max_grad_norm)
-  else:
-    dp = dp_flags.resolve(batch_size=config.batch_size,
-                          dataset_size=epoch_size * config.batch_size,
-                          planned_steps=epoch_size * max_epochs,
-                          default_max_norm=config.max_grad_norm)
-    print(dp.describe(), flush=True)
-    clip = common.dp_transform(dp, args.seed)
-  tx = build_optimizer(config, clip, epoch_size)
-  state = place_state(init_state(model, tx, config, args.seed), mesh)
+  num_devices = mesh_lib.num_data_devices(hp.batch_size, run.num_devices)
+  mesh = mesh_lib.make_mesh(num_devices)
+  model = build_model(hp, config.matmul_dtype)
+  clip, dp = steps.clip_or_dp(run, hp.max_grad_norm, batch_size=hp.batch_size,
+                              dataset_size=epoch_size * hp.batch_size,
+                              planned_steps=epoch_size * max_epochs)
+  tx = build_optimizer(hp, clip, epoch_size)
+  state = place_state(init_state(model, tx, hp, run.seed), mesh)
   if mesh is None:
     train_step = make_train_step(model, tx, dp=dp)
   else:
     train_step = make_train_step(model, tx, state_shardings(state, mesh),
-                                 NamedSharding(mesh, P(common.DATA_AXIS)), dp=dp)
+                                 NamedSharding(mesh, P(mesh_lib.DATA_AXIS)), dp=dp)
   eval_step = make_eval_step(model)
-  shard = lambda a: common.shard_batch(a, mesh)
+  shard = lambda a: mesh_lib.shard_batch(a, mesh)
 
-  ckpt = common.Checkpointer(args.workdir)
-  dp_meta = None if dp is None else dp.as_meta()
+  described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
+  ckpt = checkpoints.Checkpointer(workdir)
   meta = {"epoch": 0, "pos": 0, "global_step": 0, "elapsed": 0.0, "records": []}
-  if args.resume and ckpt.latest_step() is not None:
-    common.check_dp_resume(ckpt.restore_meta()[1].get("dp"), dp)
+  latest = ckpt.restore_meta()
+  if latest is not None:
+    checkpoints.check_resume_config(latest[1].get("config"), described)
     state, meta = ckpt.restore(state)
-    log.info("resumed from step %d (epoch %d, window %d)", meta["global_step"],
-             meta["epoch"] + 1, meta["pos"])
-  elif args.resume:
-    log.info("--resume: no checkpoint in %s, starting afresh", ckpt.directory)
-  writer = common.MetricsWriter(args.workdir, meta["records"])
+    report(f"resumed from step {meta['global_step']} (epoch {meta['epoch'] + 1}, window "
+           f"{meta['pos']})")
+  writer = MetricsWriter(workdir, meta["records"])
   if meta.get("done"):
     ckpt.close()
     return writer.records
 
-  print(f"PTB {args.config}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
-        f"{max_epochs} epochs, clip={'dp' if dp else args.clip}, {num_devices} device(s)",
-        flush=True)
+  report(f"PTB {config.name}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
+         f"{max_epochs} epochs, clip={run.clip}, {num_devices} device(s)")
   epoch, pos, global_step = meta["epoch"], meta["pos"], meta["global_step"]
   elapsed = meta["elapsed"]  # seconds spent in the current epoch before a resume
 
   def save(done=False):
     ckpt.save(global_step, state, {"epoch": epoch, "pos": pos, "global_step": global_step,
                                    "elapsed": elapsed, "records": writer.records,
-                                   "done": done, "dp": dp_meta})
+                                   "done": done, "config": described})
 
-  stopped = False
-  while epoch < max_epochs:
-    if args.max_steps is not None and global_step >= args.max_steps:
-      stopped = True
-      break
-    if pos == 0:  # the tutorial resets the LSTM state at the start of every epoch
-      state["carry"] = _zeros_like(state["carry"])
-      state["acc"] = _zeros_like(state["acc"])
-      elapsed = 0.0
-    lr = config.lr_at(epoch)
-    ex, ey = (xs, ys) if dp is None else dp_epoch_windows(xs, ys, args.seed, epoch)
-    bar = common.progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}",
-                              initial=pos, disable=args.no_progress)
-    t0 = time.perf_counter()
-    words_per_step = config.batch_size * config.num_steps
-    while pos < epoch_size:
-      if args.max_steps is not None and global_step >= args.max_steps:
+  stopped, first_step = False, True
+  with catch_signals() as stop:
+
+    def stop_if_asked():  # after a checkpoint at global_step
+      if stop:
+        ckpt.close()
+        raise Interrupted(stop.signum, global_step, workdir)
+
+    while epoch < max_epochs:
+      if run.max_steps is not None and global_step >= run.max_steps:
         stopped = True
         break
-      state = train_step(state, shard(ex[pos]), shard(ey[pos]))
-      pos += 1
-      global_step += 1
-      bar.update(1)
-      if pos % 20 == 0 or pos == epoch_size:
-        jax.block_until_ready(state["step"])
-        dt = elapsed + time.perf_counter() - t0
-        bar.set_postfix(wps=f"{pos * words_per_step / dt:,.0f}" if dt else "-",
-                        refresh=False)
-      if args.checkpoint_every and global_step % args.checkpoint_every == 0 \
-          and pos < epoch_size:
-        jax.block_until_ready(state)
-        elapsed += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        save()
-    jax.block_until_ready(state)
-    elapsed += time.perf_counter() - t0
-    bar.close()
-    wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
-    record = _epoch_record(epoch + 1, lr, state["acc"], wps, dp, global_step)
-    if stopped and pos < epoch_size:
-      save()  # mid-epoch stop: resumable; the partial record is not kept on resume
-      record["partial"] = True
-      record["steps"] = pos
-      record["valid_ppl"] = evaluate(model, eval_step, state["params"], data.valid,
-                                     config.batch_size, config.num_steps, mesh)
+      if pos == 0:  # the tutorial resets the LSTM state at the start of every epoch
+        state = state.replace(carry=_zeros_like(state.carry), acc=_zeros_like(state.acc))
+        elapsed = 0.0
+      lr = hp.lr_at(epoch)
+      ex, ey = (xs, ys) if dp is None else dp_epoch_windows(xs, ys, run.seed, epoch)
+      bar = progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}", initial=pos,
+                         disable=not run.progress)
+      t0 = time.perf_counter()
+      words_per_step = hp.batch_size * hp.num_steps
+      while pos < epoch_size:
+        if run.max_steps is not None and global_step >= run.max_steps:
+          stopped = True
+          break
+        state = train_step(state, shard(ex[pos]), shard(ey[pos]))
+        pos += 1
+        global_step += 1
+        bar.update(1)
+        if first_step:
+          jax.block_until_ready(state.step)
+          report(f"step {global_step}: compiled and ran in {time.perf_counter() - t0:.1f}s")
+          first_step = False
+        if pos % 20 == 0 or pos == epoch_size:
+          jax.block_until_ready(state.step)
+          dt = elapsed + time.perf_counter() - t0
+          bar.set_postfix(wps=f"{pos * words_per_step / dt:,.0f}" if dt else "-",
+                          refresh=False)
+        if pos < epoch_size and (stop or (run.checkpoint_every
+                                          and global_step % run.checkpoint_every == 0)):
+          jax.block_until_ready(state)
+          elapsed += time.perf_counter() - t0
+          t0 = time.perf_counter()
+          save()
+          stop_if_asked()
+      jax.block_until_ready(state)
+      elapsed += time.perf_counter() - t0
+      bar.close()
+      wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
+      record = _epoch_record(epoch + 1, lr, state.acc, wps, dp, global_step)
+      if stopped and pos < epoch_size:
+        save()  # mid-epoch stop: resumable; the partial record is not kept on resume
+        record["partial"] = True
+        record["steps"] = pos
+        record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
+                                       hp.batch_size, hp.num_steps, mesh)
+        writer.write(record, keep=False)  # not part of the resumable history
+        report(f"Stopped at --max-steps {run.max_steps} (epoch {epoch + 1}, window {pos} "
+               f"of {epoch_size}): train ppl {record['train_ppl']:.2f}, valid ppl "
+               f"{record['valid_ppl']:.2f}; no test perplexity (the run did not finish)")
+        ckpt.close()
+        return writer.records + [record]
+      record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
+                                     hp.batch_size, hp.num_steps, mesh)
+      report(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
+             f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  grad norm mean "
+             f"{record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  clipped "
+             f"{record['clip_fraction']:.1%}"
+             + (f"  epsilon {record['epsilon']:.3f}" if dp else ""))
       writer.write(record)
-      writer.records.pop()  # not part of the resumable history (see save() above)
-      print(f"Stopped at --max-steps {args.max_steps} (epoch {epoch + 1}, window {pos}): "
-            f"train ppl {record['train_ppl']:.2f}, valid ppl {record['valid_ppl']:.2f}",
-            flush=True)
-      ckpt.close()
-      return writer.records + [record]
-    record["valid_ppl"] = evaluate(model, eval_step, state["params"], data.valid,
-                                   config.batch_size, config.num_steps, mesh)
-    print(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
-          f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  "
-          f"grad norm mean {record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  "
-          f"clipped {record['clip_fraction']:.1%}"
-          + (f"  epsilon {record['epsilon']:.3f}" if dp else ""), flush=True)
-    writer.write(record)
-    epoch, pos, elapsed = epoch + 1, 0, 0.0
-    save()
+      epoch, pos, elapsed = epoch + 1, 0, 0.0
+      save()
+      stop_if_asked()
 
   if stopped:
-    print(f"Stopped at --max-steps {args.max_steps} after epoch {epoch}", flush=True)
+    report(f"Stopped at --max-steps {run.max_steps} after epoch {epoch}; no test "
+           "perplexity (the run did not finish)")
   else:
-    test_ppl = evaluate(model, eval_step, state["params"], data.test, 1, TEST_WINDOW, mesh,
+    test_ppl = evaluate(model, eval_step, state.params, data.test, 1, TEST_WINDOW, mesh,
                         full=True)
-    print(f"Test ppl {test_ppl:.3f}", flush=True)
+    report(f"Test ppl {test_ppl:.3f}")
     writer.write({"epoch": epoch, "test_ppl": test_ppl})
     save(done=True)
   ckpt.close()
