@@ -137,7 +137,7 @@ _IMDB_WORDS = {("train", "pos"): 2_958_832, ("train", "neg"): 2_885_848,
                ("test", "pos"): 2_862_401, ("test", "neg"): 2_850_766}
 _IMDB_RATINGS = {"pos": range(7, 11), "neg": range(1, 5)}
 _IMDB_REVIEW_RE = re.compile(r"^(?:[^/]+/)?(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
-_IMDB_MAX_MEMBER = 1 << 20  # the longest review has ~14 kB; anything near 1 MiB is not one
+_IMDB_MAX_MEMBER = 1 << 20  # the longest review has 13,704 bytes; 1 MiB is no review
 
 
 # -----------------------------------------------------------------------------------------
@@ -640,5 +640,6 @@ def main(args: argparse.Namespace) -> int:
   source = SOURCES[args.dataset]
   shown = shlex.quote(os.fspath(args.directory))
   print(f"{source.title}: verified and unpacked into {target}")
+  print(f"cite: {source.citation}")
   print(f"train with: {source.train_command.format(dir=shown)}")
   return 0
