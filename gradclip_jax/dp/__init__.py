@@ -1,11 +1,84 @@
-"""Differential privacy: per-example clipping, Gaussian noise, ghost norms, accounting.
+r"""Differential privacy: per-example clipping, Gaussian noise, ghost norms, accounting.
 
-``per_example_clip`` / ``add_noise`` / ``dp_aggregate`` are Optax transforms over
-per-example gradients; ``clipped_grad`` computes the clipped sum directly from a
-per-example loss (by ``vmap`` or by ghost norms for ``flax.linen`` models);
+:func:`per_example_clip` / :func:`add_noise` / :func:`dp_aggregate` are Optax
+transforms over per-example gradients; :func:`clipped_grad` computes the sum of
+clipped per-example gradients directly from a per-example loss, by ``vmap`` or by
+ghost norms on the traced program of any JAX model (flax.linen, flax.nnx, Equinox,
+Haiku, plain functions); :func:`ghost_coverage` says which rule each parameter gets;
 ``gradclip_jax.dp.accounting`` wraps the ``dp-accounting`` package (imported lazily).
+
+Loss convention
+---------------
+``loss_fn(params, *batch)`` returns a vector of ``B`` *per-example* losses (no mean
+or sum over the batch); every leaf of every batch argument has the batch axis first.
+The result is ``sum_b min(1, C / n_b) grad(loss_b)``, ``n_b`` the L2 norm of example
+``b``'s gradient over all parameters (Abadi et al. 2016), divided by ``normalize_by``
+when given: to train on the mean loss pass ``normalize_by=B`` rather than averaging
+inside ``loss_fn``. A loss averaged over the tokens of one example is fine.
+
+Ghost norms on the traced program
+---------------------------------
+``loss_fn`` is traced abstractly (``jax.make_jaxpr``) at the batch size ``B`` and at
+``B + 1``; the two programs are walked side by side, and the axis of each
+intermediate whose size moved is its *example axis* (an axis that grew by ``k > 1``
+holds ``outer x B x inner`` entries, e.g. ``[T*B, H]`` after a time-major reshape).
+Every operation that reads a parameter-derived value ``W'`` (the parameter seen
+through reshape, transpose, broadcast, convert, slicing, concatenation of several
+parameters, ``pjit``/closed calls, ``checkpoint``, ``custom_jvp`` calls) and data is a
+*use*. The program is then run once with a zero *probe* added to every use's output;
+one backward pass of the summed loss, with the parameters as constants, gives every
+use's output gradient ``g`` per example, and the uses' data operands are recorded.
+Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
+
+* ``dot_general`` (Dense, einsum, attention projections, fused LSTM kernels): with
+  ``T`` positions per example, data rows ``a_t`` and output-gradient rows ``g_t``,
+  the Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (K + N) <= K N``, else
+  the direct ``||sum_t a_t g_t^T||^2`` (Goodfellow 2015; Li et al. 2022);
+* ``gather`` of rows (embeddings, ``jnp.take``, indexing): segment sums of ``g`` over
+  each example's sorted ids, never a dense ``V x d`` per-example matrix;
+* ``add`` / ``sub`` / ``mul`` with a broadcast parameter (biases, LayerNorm/RMSNorm
+  scales and offsets, learned positions): the per-example reduction of ``g`` (times
+  the other operand) over the broadcast positions (Bu et al. 2022);
+* ``conv_general_dilated`` with a parameter kernel (1-D/2-D/3-D, strides, dilation,
+  feature groups): the per-example kernel gradient from the conv's own VJP applied
+  per example (``B x |kernel|`` floats);
+* ``scan`` with parameters among its constants (``nn.RNN``, ``nn.scan``, ``lax.scan``):
+  looked through; the body's uses get their probes as extra scanned inputs and record
+  their operands as extra scan outputs, so the steps become positions of one use;
+* the same parameter operand used several times with the same form (a shared layer):
+  positions concatenated; parameters reached by uses of different forms (a tied
+  embedding, ``gather`` and ``dot_general``) or through non-isometric parameter
+  arithmetic: exact per-example gradients of those parameters only, from the uses'
+  per-example ``dW'`` mapped back by the VJP of the parameter-only program;
+* anything else (``custom_vjp_call``, ``while``, a ``scan`` carrying parameters, an
+  unknown primitive): the per-example gradient of that parameter through *that one
+  operation* from its recorded operands and output gradient (the operation's own VJP,
+  vmapped over examples; ``B`` masked VJPs for operations whose inner program was
+  traced at ``B``), never a per-example re-run of the whole model. ``ghost_coverage``
+  names these ``"fallback: <primitive>"``.
+
+The clipped sum needs no second backward pass (book-keeping, Bu et al. 2023): each
+use's ``sum_b w_b dW'_b`` is formed from the same records with the clip weights
+``w_b``, and one VJP of the parameter-only part of the program maps all of them to
+the parameter leaves. No unclipped weight gradient is ever formed. An example whose
+loss or norm is NaN/inf gets weight zero and contributes exactly zero (its records
+and gradients are masked with ``where``); its norm is reported as computed.
+
+Refused with a ``ValueError`` naming the operation and its source line: an operation
+that combines examples (a reduction or normalisation over the batch, e.g. BatchNorm
+with batch statistics, or a value with two example axes). ``method="auto"`` uses
+vmap when the program cannot be analysed (e.g. ``loss_fn`` cannot be traced at
+``B + 1``) or no parameter gets an exact rule.
+
+Memory: with ``microbatch_size=None`` the ghost method splits the batch into
+microbatches (the largest divisor ``m`` of ``B``) so that its own extra memory per
+microbatch - recorded operands, probe gradients, Gram/direct/per-example
+temporaries, estimated from the traced shapes - stays within
+:data:`GHOST_MEMORY_BUDGET` bytes; pass ``microbatch_size`` to choose ``m`` yourself
+(``microbatch_size=B``: one pass over the whole batch).
 """
 
+from gradclip_jax.dp._clipped_grad import GHOST_MEMORY_BUDGET
 from gradclip_jax.dp._clipped_grad import clipped_grad
 from gradclip_jax.dp._clipped_grad import ghost_coverage
 from gradclip_jax.dp._per_example import AddNoiseState

@@ -18,6 +18,11 @@ from gradclip_jax.dp._rules import _common as cm
 
 METHODS = ("auto", "vmap", "ghost")
 
+#: Bytes of extra memory (records, probe gradients, rule temporaries) that one
+#: microbatch of the ghost method may use when ``microbatch_size=None``; the batch is
+#: split into the fewest equal microbatches that fit (see :mod:`gradclip_jax.dp`).
+GHOST_MEMORY_BUDGET = 256 * 2 ** 20
+
 
 # ------------------------------------------------------------------------ helpers
 
@@ -185,9 +190,45 @@ def _coverage_names(plan, comps) -> dict:
 # ------------------------------------------------------------------ ghost method
 
 
-def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False):
+def _nbytes(aval, steps=1) -> int:
+  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize * steps
+
+
+def extra_bytes_per_example(plan, comps) -> int:
+  """Estimated extra bytes per example of the ghost method (records, probes, temps)."""
+  b = plan.b
+  total = 0
+  for u in plan.uses:
+    steps = int(np.prod(u.stack, dtype=np.int64)) if u.stack else 1
+    for k in u.probe_pos:
+      total += _nbytes(u.eqn.outvars[k].aval, steps) // b
+    for j in u.data.get("needs", ()):
+      if isinstance(u.in_info[j].spec, _trace.Spec):
+        total += _nbytes(u.eqn.invars[j].aval, steps) // b
+    total += u.rule.temp_bytes(u, b)
+  for c in comps:
+    if not c.direct:
+      total += 4 * sum(int(np.prod(plan.param_avals[i].shape, dtype=np.int64))
+                       for i in c.leaves)
+  return total
+
+
+def auto_microbatch(plan, comps, budget=None) -> int:
+  """The largest divisor m of B with m * extra_bytes_per_example <= the budget."""
+  budget = GHOST_MEMORY_BUDGET if budget is None else budget
+  per = max(extra_bytes_per_example(plan, comps), 1)
+  b = plan.b
+  for m in range(b, 0, -1):
+    if b % m == 0 and m * per <= budget:
+      return m
+  return 1
+
+
+def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None):
   """(f32 clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
-  plan, b = _plan(loss_fn, has_aux, params, batch)
+  if plan is None:
+    plan, b = _plan(loss_fn, has_aux, params, batch)
+  b = plan.b
   comps = _structure(plan)
   if auto and not any(not c.name.startswith("fallback") for c in comps):
     raise _trace.Unsupported("no parameter gets an exact ghost rule")
@@ -415,17 +456,18 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
     aux = _split_out(loss_fn(params, *batch), True)[1] if has_aux else None
     return summed, norms, aux
 
-  def core(params, batch):
-    if method == "vmap":
+  def core(params, batch, plan=None, use_vmap=False):
+    if method == "vmap" or use_vmap:
       return vmap_core(params, batch)
     if method == "auto":
       try:
         summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch,
-                                            auto=True)
+                                            auto=True, plan=plan)
       except _trace.Unsupported:
         return vmap_core(params, batch)
       return summed, norms, aux
-    summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch)
+    summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch,
+                                        plan=plan)
     return summed, norms, aux
 
   def fn(params, *batch):
@@ -434,8 +476,20 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
                       "batch argument")
     b = _batch_size(batch)
     m = microbatch_size
+    plan, use_vmap = None, False
+    if m is None and method != "vmap":
+      try:
+        plan, _ = _plan(loss_fn, has_aux, params, batch)
+      except _trace.Unsupported:
+        if method == "ghost":
+          raise
+        use_vmap = True
+      if plan is not None:
+        m = auto_microbatch(plan, _structure(plan))
+        if m < b:
+          plan = None  # the microbatches are traced at their own size
     if m is None or m >= b:
-      summed, norms, aux = core(params, batch)
+      summed, norms, aux = core(params, batch, plan, use_vmap)
     else:
       if b % m:
         raise ValueError(f"batch size {b} is not a multiple of microbatch_size {m}")
@@ -445,7 +499,7 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
                           else jnp.zeros(jnp.shape(p), jnp.float32), params)
 
       def body(acc, mb):
-        s, nrm, ax = core(params, mb)
+        s, nrm, ax = core(params, mb, None, use_vmap)
         acc = jax.tree.map(lambda a, x: a + x, acc, s)
         return acc, (nrm, ax)
 

@@ -108,3 +108,11 @@ class Rule:
 
   def name(self, use) -> str:
     return self.family
+
+  def temp_bytes(self, use, b) -> int:
+    """Estimated bytes per example of the rule's temporaries."""
+    return 0
+
+
+def size_of(aval) -> int:
+  return int(np.prod(aval.shape, dtype=np.int64))

@@ -62,6 +62,13 @@ class DotGeneral(cm.Rule):
             "wsizes": [ws[d] for d in wlist],
             "wperm": [wlist.index(d) for d in range(len(ws))]}
 
+  def temp_bytes(self, use, b):
+    d = use.data
+    steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
+    xsize = cm.size_of(use.eqn.invars[d["xpos"]].aval)
+    t = max(xsize // max(b * d["H"] * d["K"], 1), 1) * steps
+    return 4 * d["H"] * min(t * t, d["K"] * d["N"]) + 4 * d["H"] * t * (d["K"] + d["N"])
+
   def merge_key(self, use):
     d = use.data
     return ("dot_general", id(use.eqn.invars[d["wpos"]]), d["wpos"],

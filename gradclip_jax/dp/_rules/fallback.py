@@ -159,6 +159,12 @@ class Fallback(cm.Rule):
   def name(self, use):
     return f"fallback: {use.prim}"
 
+  def temp_bytes(self, use, b):
+    w = sum(cm.size_of(use.eqn.invars[j].aval) for j in use.p_pos)
+    if use.data.get("mode") == "masked":
+      w += sum(cm.size_of(use.eqn.outvars[k].aval) for k in use.probe_pos)
+    return 4 * w
+
   def canon(self, use, recs, gs, b, views=None):
     return {"pe": per_example_grads(use, use.data["mode"], recs, gs, views, b)}
 

@@ -46,6 +46,10 @@ class Gather(cm.Rule):
             "V": ws[0], "D": int(np.prod(ws[1:], dtype=np.int64)), "wshape": ws,
             "fill": "FILL" in mode}
 
+  def temp_bytes(self, use, b):
+    steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
+    return 8 * cm.size_of(use.eqn.outvars[0].aval) * steps // b
+
   def merge_key(self, use):
     return ("gather", id(use.eqn.invars[0]), use.scope_id)
 
