@@ -10,6 +10,7 @@ target's parent exactly as it was.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -327,6 +328,21 @@ def test_bad_archive_is_refused_and_nothing_is_left(server, tmp_path, capsys, da
   assert "Traceback" not in err
   assert _listing(tmp_path) == before
   assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_failed_canonical_download_suggests_url(monkeypatch, tmp_path):
+  # The canonical address, pointed at a closed loopback port (no network is used).
+  httpd = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
+  port = httpd.server_address[1]
+  httpd.server_close()
+  source = data_fetch.SOURCES["mr"]
+  monkeypatch.setitem(data_fetch.SOURCES, "mr", dataclasses.replace(
+      source, url=f"http://127.0.0.1:{port}/rt-polaritydata.tar.gz"))
+  with pytest.raises(data_fetch.FetchError, match=r"cannot download .* \(or download "
+                     r"http://127\.0\.0\.1:\d+/rt-polaritydata\.tar\.gz by other means "
+                     r"and pass its path with --url\)"):
+    data_fetch.fetch("mr", tmp_path / "mr", progress=False)
+  assert _listing(tmp_path) == []
 
 
 def test_download_without_a_length(server, plain, tmp_path, capsys):

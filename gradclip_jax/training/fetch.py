@@ -540,7 +540,13 @@ def fetch(dataset: str, directory: str | os.PathLike, *, url: str | None = None,
         urllib.parse.urlsplit(source_url).path.rsplit("/", 1)[-1]) or source.archive
     try:
       archive_path = work / source.archive
-      _download(source_url, archive_path, label=label, stream=stream)
+      try:
+        _download(source_url, archive_path, label=label, stream=stream)
+      except FetchError as e:
+        if url is not None:
+          raise
+        raise FetchError(f"{e} (or download {source.url} by other means and pass its path "
+                         "with --url)") from e
       if stream is not None:
         stream.write(f"verifying and unpacking {label} ...\n")
         stream.flush()
