@@ -29,12 +29,17 @@ class Gather(cm.Rule):
     ws = _trace._shape(use.eqn.invars[0])  # pylint: disable=protected-access
     ids = _trace._shape(use.eqn.invars[1])  # pylint: disable=protected-access
     spec = use.in_info[1].spec
+    smap = tuple(int(d) for d in dn.start_index_map)
+    collapsed = tuple(int(d) for d in dn.collapsed_slice_dims)
+    # Whole rows of W (dim 0 indexed, every other dim taken in full); jnp.take and
+    # x[ids] give collapsed=(0,), map=(0,); a vmapped dynamic_slice (Equinox's
+    # Embedding) gives collapsed=(), map=(0, 1, ...) with zero start indices.
     if (not isinstance(spec, _trace.Spec) or use.in_info[0].spec is not None
-        or len(ws) < 1 or not ids or ids[-1] != 1 or spec.axis == len(ids) - 1
-        or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+        or len(ws) < 1 or not ids or 0 not in smap or ids[-1] != len(smap)
+        or spec.axis == len(ids) - 1 or collapsed not in ((), (0,))
         or tuple(dn.operand_batching_dims) or tuple(dn.start_indices_batching_dims)
         or tuple(prm["slice_sizes"]) != (1,) + tuple(ws[1:])
-        or len(dn.offset_dims) != len(ws) - 1):
+        or len(dn.offset_dims) != len(ws) - len(collapsed)):
       return None
     out_nd = len(_trace._shape(use.eqn.outvars[0]))  # pylint: disable=protected-access
     batch_out = [d for d in range(out_nd) if d not in dn.offset_dims]
@@ -44,7 +49,7 @@ class Gather(cm.Rule):
     mode = str(prm.get("mode", "")).upper()
     return {"needs": (1,), "batch_out": batch_out, "offset": list(dn.offset_dims),
             "V": ws[0], "D": int(np.prod(ws[1:], dtype=np.int64)), "wshape": ws,
-            "fill": "FILL" in mode}
+            "fill": "FILL" in mode, "row": smap.index(0), "n_idx": len(smap)}
 
   def temp_bytes(self, use, b):
     steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
@@ -56,7 +61,13 @@ class Gather(cm.Rule):
   def canon(self, use, recs, gs, b, views=None):
     d = use.data
     ns = len(use.stack)
-    ids = recs[1][..., 0]
+    idx = recs[1]
+    ids = idx[..., d["row"]]
+    others_zero = None
+    if d["n_idx"] > 1 and d["fill"]:  # a non-zero start on a full dim drops the row
+      rest = [i for i in range(d["n_idx"]) if i != d["row"]]
+      others_zero = jnp.all(idx[..., rest] == 0, axis=-1)
+      ids = jnp.where(others_zero, ids, -1)
     i2, dm, exd = cm.split(ids, use.in_info[1].spec, ns, b)
     perm = [exd] + cm.flat([[i] for i in range(ns)]
                            + [dm[ns + i] for i in range(ids.ndim - ns)])
