@@ -1,11 +1,14 @@
 """Writes the API reference pages from the ``__all__`` lists of the public modules.
 
-At ``config-inited`` (before the sources are listed and autosummary runs) this writes ``docs/api/<module>.rst``
-for each module in :data:`MODULES`: one ``autosummary`` table per group of names
-(grouped by the private module that defines them), each name with its own page
-generated from its docstring. A name added to a module's ``__all__`` therefore
-gets its page without editing the docs; ``tests/test_docs.py`` checks the pages
-list every public name. The generated files are git-ignored.
+At ``config-inited`` (before the sources are listed and autosummary runs) this
+writes ``docs/api/<module>.rst`` for each module in :data:`MODULES`: one
+``autosummary`` table per group of names (grouped by the private module that defines
+them), each name with its own page generated from its docstring. An object exported
+by several modules (``gradclip_jax.add_noise`` is ``gradclip_jax.dp.add_noise``) gets
+one page, under the deepest of them; the others link to it. A name added to a
+module's ``__all__`` therefore gets its page without editing the docs;
+``tests/test_docs.py`` checks the pages list every public name. The generated files
+are git-ignored.
 """
 
 from __future__ import annotations
@@ -60,14 +63,50 @@ def _group(obj) -> str:
   return "Other"
 
 
-def module_page(modname: str, title: str, blurb: str) -> str | None:
-  """reST text of one module's API page, or None when the module does not exist."""
+def _import(modname: str):
+  """The module, or None when it does not exist (a broken import inside it raises)."""
   try:
-    module = importlib.import_module(modname)
+    return importlib.import_module(modname)
   except ModuleNotFoundError as e:
-    if e.name != modname:  # a broken import inside the package is an error
+    if e.name != modname:
       raise
     return None
+
+
+def home_modules() -> dict[int, str]:
+  """``{id(obj): module}``: the deepest public module whose ``__all__`` has the object.
+
+  A name re-exported by a parent (``gradclip_jax.add_noise`` is
+  ``gradclip_jax.dp.add_noise``) gets one page, under its home module; the parent's page
+  links to it.
+  """
+  home: dict[int, str] = {}
+  for modname, _, _ in sorted(MODULES, key=lambda m: m[0].count(".")):
+    module = _import(modname)
+    if module is None:
+      continue
+    for name in public_names(module):
+      obj = getattr(module, name)
+      if not isinstance(obj, types.ModuleType):
+        home[id(obj)] = modname  # deeper modules overwrite their parents
+  return home
+
+
+def _table(names: list[str], toctree: bool) -> list[str]:
+  lines = [".. autosummary::"]
+  if toctree:
+    lines.append(f"   :toctree: {STUB_DIR}")
+  lines += ["   :nosignatures:", ""] + [f"   {n}" for n in names] + [""]
+  return lines
+
+
+def module_page(modname: str, title: str, blurb: str,
+                home: dict[int, str] | None = None) -> str | None:
+  """reST text of one module's API page, or None when the module does not exist."""
+  module = _import(modname)
+  if module is None:
+    return None
+  home = home_modules() if home is None else home
   names = public_names(module)
   submodules = [n for n in names if isinstance(getattr(module, n, None), types.ModuleType)]
   groups: dict[str, list[tuple[str, str]]] = {}
@@ -75,21 +114,25 @@ def module_page(modname: str, title: str, blurb: str) -> str | None:
     if name in submodules:
       continue
     obj = getattr(module, name)
-    kind = "Classes" if inspect.isclass(obj) else "Functions"
-    groups.setdefault(_group(obj), []).append((kind, name))
+    where = home.get(id(obj), modname)
+    if where != modname:  # documented on its home module's page: link there
+      # Relative to this module where possible (autosummary refuses the full name of a
+      # submodule of the current module).
+      rel = where[len(modname) + 1:] if where.startswith(modname + ".") else where
+      kind, entry = "Elsewhere", f"~{rel}.{name}"
+    else:
+      kind, entry = ("Classes" if inspect.isclass(obj) else "Functions"), name
+    groups.setdefault(_group(obj), []).append((kind, entry))
   lines = [title, "=" * len(title), "", f".. automodule:: {modname}",
            "   :no-members:", "", blurb, "", f".. currentmodule:: {modname}", ""]
   for group, entries in groups.items():
     if len(groups) > 1:
       lines += [group, "-" * len(group), ""]
-    # Functions (the rules) first, then their state classes.
-    for kind in ("Functions", "Classes"):
+    # Functions (the rules) first, then their state classes; re-exports link home.
+    for kind in ("Functions", "Classes", "Elsewhere"):
       members = [n for k, n in entries if k == kind]
-      if not members:
-        continue
-      lines += [".. autosummary::", f"   :toctree: {STUB_DIR}", "   :nosignatures:", ""]
-      lines += [f"   {n}" for n in members]
-      lines += [""]
+      if members:
+        lines += _table(members, toctree=kind != "Elsewhere")
   if submodules:
     lines += ["Submodules", "-" * len("Submodules"), ""]
     lines += [f"- :doc:`{modname}.{n}`" for n in submodules]
@@ -102,8 +145,9 @@ def write_pages(docs_dir: pathlib.Path) -> list[str]:
   out = docs_dir / API_DIR
   out.mkdir(exist_ok=True)
   written = []
+  home = home_modules()
   for modname, title, blurb in MODULES:
-    text = module_page(modname, title, blurb)
+    text = module_page(modname, title, blurb, home)
     target = out / f"{modname}.rst"
     if text is None:
       if target.exists():
