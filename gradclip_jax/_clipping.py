@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradclip_jax import _norms
@@ -43,13 +44,13 @@ def _check_value_bounds(min_value, max_value) -> None:
       label = name if path == "<root>" else f"{name}{path}"
       if _norms.is_concrete(leaf):
         arr = _norms._as_real_array(label, leaf)  # pylint: disable=protected-access
-        if jnp.isnan(arr).any():
+        if np.isnan(arr).any():
           raise ValueError(f"{label} is NaN")
   lo, hi = jax.tree.leaves(min_value), jax.tree.leaves(max_value)
   if len(lo) == len(hi):
     for a, b in zip(lo, hi):
       if _norms.is_concrete(a) and _norms.is_concrete(b) and bool(
-          jnp.any(jnp.asarray(a) > jnp.asarray(b))):
+          np.any(np.asarray(a, np.float64) > np.asarray(b, np.float64))):
         raise ValueError(f"clip_by_value needs min_value <= max_value, got "
                          f"min_value={a} > max_value={b}")
 

@@ -251,15 +251,31 @@ def fits(shape: Sequence[int], target: Sequence[int]) -> bool:
   return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
 
 
+def _is_array_like(value: Any) -> bool:
+  """An array, or a (nested) list/tuple of plain numbers: one array threshold."""
+  if hasattr(value, "shape"):
+    return True
+  if isinstance(value, (list, tuple)) and value:
+    try:
+      arr = np.asarray(value)
+    except (TypeError, ValueError):
+      return False
+    return arr.dtype != object and (np.issubdtype(arr.dtype, np.number) or
+                                    arr.dtype == np.bool_)
+  return False
+
+
 def broadcast_thresholds(name: str, value: Any, tree: Any,
                          target: Optional[Callable[[Any], tuple]] = None) -> Any:
   """A threshold per leaf of ``tree``: a scalar is repeated, a pytree is checked.
 
-  Raises ``ValueError`` when a per-leaf threshold tree does not have the structure of
-  the gradient tree (``None`` gradient leaves are skipped on both sides), and, when
-  ``target`` is given, when a threshold's shape does not *fit* its leaf: it must
-  broadcast to ``target(leaf)`` without changing that shape (see :func:`fits`). The
-  message names the leaf's path and both shapes.
+  ``value`` is one number (used for every leaf), a pytree with the structure of
+  ``tree`` (one threshold per leaf; ``None`` gradient leaves are skipped on both
+  sides), or one array (or list of numbers) that does not have that structure, used
+  for every leaf. Raises ``ValueError`` when a threshold tree has another structure,
+  and, when ``target`` is given, when a threshold's shape does not *fit* its leaf: it
+  must broadcast to ``target(leaf)`` without changing that shape (see :func:`fits`).
+  The message names the leaf's path and both shapes.
   """
   structure = jax.tree.structure(tree)
   if is_scalar_threshold(value):
@@ -267,12 +283,21 @@ def broadcast_thresholds(name: str, value: Any, tree: Any,
   try:
     out = jax.tree.map(lambda _, v: v, tree, value)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{name} is a pytree of per-leaf thresholds whose structure does not match "
-        f"the gradients:\n  gradients: {structure}\n  {name}: "
-        f"{jax.tree.structure(value)}") from e
+    if not _is_array_like(value):
+      raise ValueError(
+          f"{name} is a pytree of per-leaf thresholds whose structure does not "
+          f"match the gradients:\n  gradients: {structure}\n  {name}: "
+          f"{jax.tree.structure(value)}") from e
+    value = value if hasattr(value, "shape") else jnp.asarray(value)
+    out = jax.tree.unflatten(structure, [value] * structure.num_leaves)
+  # A leaf of the gradients may face a list of numbers: one array threshold.
+  per_leaf = [v if hasattr(v, "shape") or isinstance(v, numbers.Number)
+              else jnp.asarray(v) for v in structure.flatten_up_to(out)]
+  out = jax.tree.unflatten(structure, per_leaf)
   if target is not None:
-    for (path, leaf), v in zip(_leaf_paths(tree), jax.tree.leaves(out)):
+    for (path, leaf), v in zip(_leaf_paths(tree), per_leaf):
+      if np.ndim(v) == 0:
+        continue  # a scalar fits every leaf
       want = tuple(target(leaf))
       if not fits(np.shape(v), want):
         raise ValueError(

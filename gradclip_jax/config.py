@@ -12,9 +12,9 @@ values. They live in :mod:`gradclip_jax._tuning`, each under a name listed in
   (e.g. ``"scale_barrier,overflow_cond"``) turns just those off;
 * :func:`set_backend_tuning` at run time, and :func:`backend_tuning` to query it.
 
-The switch is read when a rule is *traced*: a function that ``jax.jit`` has already
-compiled keeps the program it was compiled with. Change the switch before the first
-call (or call ``jax.clear_caches()``).
+The switch is read when a rule is *traced*. ``jax.jit`` caches the trace of a Python
+function, so a function traced before the switch changed keeps its program: change
+the switch before the first call, or call ``jax.clear_caches()`` after changing it.
 
 Examples:
   >>> from gradclip_jax import config

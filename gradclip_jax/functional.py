@@ -29,6 +29,7 @@ from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradclip_jax import _clipping
 from gradclip_jax import _norms
@@ -176,7 +177,8 @@ def clip_by_global_norm(tree: Any, max_norm: Any, use_norm: Optional[Any] = None
     leaves (or a float64 ``use_norm``).
 
   Raises:
-    ValueError: a negative or NaN ``max_norm`` or ``norm_type <= 0``.
+    ValueError: a negative or NaN ``max_norm``, ``norm_type <= 0``, or a
+      ``use_norm`` that is not one number.
     TypeError: a ``max_norm`` that is not one number, or a non-float leaf.
 
   Examples:
@@ -192,6 +194,9 @@ def clip_by_global_norm(tree: Any, max_norm: Any, use_norm: Optional[Any] = None
   if use_norm is None:
     norm = _norms.tree_norm(leaves, _norms.check_norm_type(norm_type))
   else:
+    if np.ndim(use_norm) != 0:
+      raise ValueError(f"use_norm must be one number (the norm of the whole tree), "
+                       f"got shape {np.shape(use_norm)}")
     dtype = _norms.norm_dtype(leaves)
     if hasattr(use_norm, "dtype"):  # a Python number takes the leaves' dtype
       dtype = jnp.promote_types(dtype, _norms.real_acc_dtype(use_norm.dtype))

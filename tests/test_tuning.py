@@ -1,0 +1,182 @@
+"""The backend-tuning switch (gradclip_jax.config) changes programs, never values.
+
+Every rule, in every dtype (float32, bfloat16, float16, float64 under x64), jitted,
+over three steps (normal gradients, gradients whose sum of squares overflows, normal
+again, so that both the plain and the rescue paths run and the adaptive states move),
+must give bit-identical updates and states with the tuning on and off. And the
+switch must really switch: the tuned CPU program has the conditional and the
+barriers that the plain one lacks.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from gradclip_jax import config
+from gradclip_jax import functional as F
+
+
+def _functional(max_norm):
+  """The functional API as a stateless 'rule' (same call signature as the others)."""
+
+  def update(g, state, params=None):
+    del params
+    out = {"value": F.clip_by_value(g, -0.5, 0.5),
+           "norm": F.clip_by_norm(g, max_norm),
+           "norm_axes": F.clip_by_norm(g, max_norm, axes=-1),
+           "average": F.clip_by_average_norm(g, 0.1 * max_norm),
+           "global": F.clip_by_global_norm(g, max_norm),
+           "global_p1": F.global_norm(g, 1.0)}
+    return out, state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+RULES = {
+    "clip_by_global_norm": lambda: gc.clip_by_global_norm(1.0),
+    "clip_by_global_norm_p1": lambda: gc.clip_by_global_norm(1.0, norm_type=1.0),
+    "clip_by_global_norm_p3": lambda: gc.clip_by_global_norm(1.0, norm_type=3.0),
+    "clip_by_global_norm_inf": lambda: gc.clip_by_global_norm(1.0, norm_type=jnp.inf),
+    "clip_by_global_norm_zero": lambda: gc.clip_by_global_norm(1.0, nonfinite="zero"),
+    "clip_by_norm": lambda: gc.clip_by_norm(0.5),
+    "clip_by_norm_axes": lambda: gc.clip_by_norm(0.5, axes=0),
+    "clip_by_norm_per_leaf": lambda: gc.clip_by_norm({"w": 0.5, "b": 2.0,
+                                                      "small": [0.1, 0.2]}),
+    "clip_by_average_norm": lambda: gc.clip_by_average_norm(0.05),
+    "clip_by_value": lambda: gc.clip_by_value(-0.5, 0.5),
+    "adaptive_grad_clip": lambda: gc.adaptive_grad_clip(0.05),
+    "autoclip": lambda: gc.autoclip(50.0, 4),
+    "zclip": lambda: gc.zclip(warmup_steps=1),
+    "adagc": lambda: gc.adagc(warmup_steps=1),
+    "skip_spikes": lambda: gc.skip_spikes(optax.adam(1e-2), threshold=1.0, min_count=1),
+    "functional": lambda: _functional(1.0),
+}
+
+# Leaves above the packing limit (65,536 entries) take the large-leaf paths (the
+# ordered select of skip_spikes, the unpacked reductions); the rest are batched.
+SHAPES = {"w": (300, 256), "b": (256,), "small": [(8, 4), (8, 4)]}
+HUGE = {jnp.float16: 3e4, jnp.bfloat16: 1e25, jnp.float32: 1e25, jnp.float64: 1e200}
+
+
+def _tree(dtype, scale, seed):
+  rng = np.random.default_rng(seed)
+  mk = lambda shape: jnp.asarray(scale * rng.normal(size=shape), dtype)
+  return {"w": mk(SHAPES["w"]), "b": mk(SHAPES["b"]),
+          "small": [mk(s) for s in SHAPES["small"]]}
+
+
+def _three_steps(name, dtype):
+  """(updates, states) of three steps of rule ``name`` (one jitted update), flat."""
+  tx = RULES[name]()
+  params = _tree(dtype, 1.0, 0)
+  grads = [_tree(dtype, 1.0, 1), _tree(dtype, HUGE[dtype], 2), _tree(dtype, 2.0, 3)]
+  update = jax.jit(tx.update)
+  state, out = tx.init(params), []
+  for g in grads:
+    u, state = update(g, state, params)
+    out.append((u, state))
+  return jax.tree.leaves(out)
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return np.atleast_1d(x).view(np.uint8)
+
+
+def _assert_bit_identical(name, dtype):
+  with config.backend_tuning_set(True):
+    tuned = _three_steps(name, dtype)
+  with config.backend_tuning_set(False):
+    plain = _three_steps(name, dtype)
+  assert len(tuned) == len(plain)
+  for i, (a, b) in enumerate(zip(tuned, plain)):
+    assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
+    if not np.array_equal(_bits(a), _bits(b)):
+      raise AssertionError(f"{name} {jnp.dtype(dtype).name}: output {i} differs "
+                           f"with the tuning off:\n{np.asarray(a)}\n{np.asarray(b)}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", list(RULES))
+def test_tuning_off_gives_bit_identical_results(name, dtype):
+  _assert_bit_identical(name, dtype)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_tuning_off_gives_bit_identical_results_float64(name):
+  with jax.enable_x64(True):
+    _assert_bit_identical(name, jnp.float64)
+
+
+def _step_programs(tx, params):
+  """(lowered StableHLO text, compiled HLO text) of a donated training step."""
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  jax.clear_caches()  # jit caches traces per function: the switch is read at trace
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+  return lowered.as_text(), lowered.compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU workarounds")
+def test_the_switch_changes_the_cpu_program():
+  """The tuned program has the conditional (overflow_cond) and the barrier
+  (scale_barrier); the plain one has neither. Without this the test above could pass
+  because the switch did nothing."""
+  params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
+  tx = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3))
+  barrier = "stablehlo.optimization_barrier"
+  with config.backend_tuning_set(True):
+    lowered, compiled = _step_programs(tx, params)
+  assert " conditional(" in compiled and barrier in lowered
+  with config.backend_tuning_set(False):
+    lowered, compiled = _step_programs(tx, params)
+  assert " conditional(" not in compiled and barrier not in lowered
+  # One workaround off: only its part of the program goes.
+  with config.backend_tuning_set(True, disabled=["overflow_cond"]):
+    lowered, compiled = _step_programs(tx, params)
+  assert " conditional(" not in compiled and barrier in lowered
+
+
+def test_switch_api_and_errors():
+  assert config.backend_tuning() and all(config.backend_tuning(n)
+                                         for n in config.WORKAROUNDS)
+  with config.backend_tuning_set(True, disabled="scale_barrier,overflow_cond"):
+    assert config.backend_tuning()
+    assert not config.backend_tuning("scale_barrier")
+    assert not config.backend_tuning("overflow_cond")
+    assert config.backend_tuning("value_clip_tested")
+  assert config.backend_tuning("scale_barrier")
+  with pytest.raises(ValueError, match="unknown backend workaround"):
+    config.set_backend_tuning(True, disabled=["no_such_thing"])
+  with pytest.raises(ValueError, match="unknown backend workaround"):
+    config.backend_tuning("no_such_thing")
+  with pytest.raises(TypeError):
+    config.set_backend_tuning("0")
+  assert config.backend_tuning()  # a failed call leaves the setting alone
+  assert config._parse("0") == (False, frozenset())  # pylint: disable=protected-access
+  assert config._parse("") == (True, frozenset())  # pylint: disable=protected-access
+  assert config._parse(" value_clip_tested , skip_norm_apart") == (  # pylint: disable=protected-access
+      True, frozenset({"value_clip_tested", "skip_norm_apart"}))
+
+
+def test_environment_variable_is_read_at_import():
+  code = ("import gradclip_jax as gc; "
+          "print(gc.config.backend_tuning(), gc.config.backend_tuning('scale_barrier'),"
+          " gc.config.backend_tuning('overflow_cond'))")
+  out = {}
+  for value in ("0", "scale_barrier"):
+    env = dict(os.environ, GRADCLIP_JAX_BACKEND_TUNING=value, JAX_PLATFORMS="cpu")
+    out[value] = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                capture_output=True, text=True).stdout.split()
+  assert out["0"] == ["False", "False", "False"]
+  assert out["scale_barrier"] == ["True", "False", "True"]
