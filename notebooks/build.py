@@ -2,6 +2,7 @@
 
     python notebooks/build.py            # write + execute every notebook (saves outputs)
     python notebooks/build.py 02 05      # only those whose name starts with 02 / 05
+    python notebooks/build.py --text 01  # only refresh the markdown cells (no execution)
 
 The cell sources live in ``notebooks/sources/*.py``: plain Python files where a line
 ``# %% [markdown]`` starts a markdown cell and ``# %%`` a code cell (the "percent"
@@ -58,11 +59,38 @@ def build(source: pathlib.Path, execute: bool = True, timeout: int = 1200):
   return target
 
 
+def refresh_text(source: pathlib.Path) -> pathlib.Path:
+  """Rewrites only the markdown cells of an executed notebook from its source.
+
+  The code cells and their saved outputs are kept; if any code cell differs from the
+  source (or the cell layout changed), the notebook must be rebuilt and executed
+  instead, and this raises ``ValueError``.
+  """
+  target = HERE / (source.stem + ".ipynb")
+  nb = nbformat.read(target, as_version=4)
+  cells = read_cells(source)
+  layout = [(c.cell_type, c.source if c.cell_type == "code" else None) for c in cells]
+  saved = [(c.cell_type, c.source if c.cell_type == "code" else None) for c in nb.cells]
+  if layout != saved:
+    raise ValueError(f"{target.name}: the code cells differ from {source.name}; rebuild "
+                     "it with `python notebooks/build.py " + source.stem[:2] + "`")
+  for old, new in zip(nb.cells, cells):
+    if old.cell_type == "markdown":
+      old.source = new.source
+  nbformat.write(nb, target)
+  return target
+
+
 def main(argv):
+  text_only = "--text" in argv
+  argv = [a for a in argv if a != "--text"]
   prefixes = argv or [""]
   sources = sorted((HERE / "sources").glob("*.py"))
   for source in sources:
     if any(source.stem.startswith(p) for p in prefixes):
+      if text_only:
+        print(f"  refreshed the text of {refresh_text(source)}")
+        continue
       print(f"building {source.stem} ...", flush=True)
       print(f"  wrote {build(source)}")
   return 0

@@ -107,8 +107,9 @@ for _ in range(5):
 # %% [markdown]
 # ## Half precision
 #
-# The norms accumulate in float32, so float16 gradients do not overflow. Optax's norm of
-# this tree is `inf`, and its clip then silently sets the update to zero.
+# The norms accumulate in float32 (float64 gradients keep float64), so float16 gradients
+# do not overflow. Optax's norm of this tree is `inf`, and its clip then silently sets the
+# update to zero.
 
 # %%
 g16 = {"w": jnp.full((1000,), 300.0, jnp.float16)}

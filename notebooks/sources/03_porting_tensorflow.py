@@ -120,7 +120,7 @@ print("identical:", True)
 # * Zero gradients with `clip_norm=0`: TensorFlow computes $0 \cdot 0 / \max(0, 0)$, which
 #   is NaN. gradclip_jax returns zeros.
 # * float16: TensorFlow sums the squares in float16 and overflows above about 255 per entry.
-#   gradclip_jax accumulates in float32.
+#   gradclip_jax accumulates in float32 (float64 for float64 tensors, as TensorFlow).
 
 # %%
 z = [jnp.zeros(3)]
