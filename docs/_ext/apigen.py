@@ -124,7 +124,10 @@ def module_page(modname: str, title: str, blurb: str,
       kind, entry = ("Classes" if inspect.isclass(obj) else "Functions"), name
     groups.setdefault(_group(obj), []).append((kind, entry))
   lines = [title, "=" * len(title), "", f".. automodule:: {modname}",
-           "   :no-members:", "", blurb, "", f".. currentmodule:: {modname}", ""]
+           "   :no-members:", ""]
+  if not (module.__doc__ or "").strip():  # the module's docstring says it better
+    lines += [blurb, ""]
+  lines += [f".. currentmodule:: {modname}", ""]
   for group, entries in groups.items():
     if len(groups) > 1:
       lines += [group, "-" * len(group), ""]
