@@ -16,6 +16,7 @@ Each model is checked three ways:
 
 Shapes are tiny: the module is about compile time, not arithmetic.
 """
+import functools
 import math
 import subprocess
 import sys
@@ -40,34 +41,54 @@ ce = optax.softmax_cross_entropy_with_integer_labels
 # ------------------------------------------------------------------ reference
 
 
-def ref_clipped(loss_fn, params, batch, max_norm):
-  """Per-example grads by vmap(grad) of one example, clipped and summed in NumPy."""
+_JITTED = {}  # (kind, loss_fn) -> jitted function: one compile per model and shape
 
-  def one(p, *ex):
-    return loss_fn(p, *[x[None] for x in ex])[0]
 
-  pe = jax.jit(jax.vmap(jax.grad(one), in_axes=(None,) + (0,) * len(batch)))(
-      params, *batch)
+def per_example_grads(loss_fn, params, batch):
+  """vmap(grad) of the single-example loss: leaves ``[B, ...]`` as float64 NumPy."""
+  key = ("ref", loss_fn)
+  if key not in _JITTED:
+
+    def one(p, *ex):
+      return loss_fn(p, *[x[None] for x in ex])[0]
+
+    _JITTED[key] = jax.jit(lambda p, *b: jax.vmap(
+        jax.grad(one), in_axes=(None,) + (0,) * len(b))(p, *b))
+  pe = _JITTED[key](params, *batch)
+  return jax.tree.map(lambda l: np.asarray(l, np.float64), pe)
+
+
+def np_clip_sum(pe, max_norm):
+  """NumPy: per-example norms and sum_b min(1, C / n_b) g_b (non-finite dropped)."""
   leaves, treedef = jax.tree.flatten(pe)
-  leaves = [np.asarray(l, np.float64) for l in leaves]
   b = leaves[0].shape[0]
-  norms = np.sqrt(sum((l.reshape(b, -1) ** 2).sum(1) for l in leaves))
-  fin = np.isfinite(norms)
   with np.errstate(all="ignore"):
+    norms = np.sqrt(sum((l.reshape(b, -1) ** 2).sum(1) for l in leaves))
+    fin = np.isfinite(norms)
     scale = np.where(norms > max_norm, max_norm / np.where(norms > 0, norms, 1), 1.0)
-  scale = np.where(fin, scale, 0.0)
-  out = []
-  for l in leaves:
-    shp = (-1,) + (1,) * (l.ndim - 1)
-    with np.errstate(all="ignore"):
+    scale = np.where(fin, scale, 0.0)
+    out = []
+    for l in leaves:
+      shp = (-1,) + (1,) * (l.ndim - 1)
       out.append(np.where(fin.reshape(shp), l * scale.reshape(shp), 0.0).sum(0))
   return jax.tree.unflatten(treedef, out), norms
 
 
+def ref_clipped(loss_fn, params, batch, max_norm):
+  """The reference clipped sum and norms (independent of gradclip_jax)."""
+  return np_clip_sum(per_example_grads(loss_fn, params, batch), max_norm)
+
+
 def ghost(loss_fn, params, batch, max_norm):
-  f = jax.jit(dp.clipped_grad(loss_fn, max_norm=max_norm, method="ghost",
-                              return_norms=True))
-  return f(params, *batch)
+  """clipped_grad(method="ghost", return_norms=True), jitted once per loss_fn.
+
+  ``max_norm`` is passed traced, so one compiled program serves every threshold.
+  """
+  key = ("ghost", loss_fn)
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(lambda p, c, *b: dp.clipped_grad(
+        loss_fn, max_norm=c, method="ghost", return_norms=True)(p, *b))
+  return _JITTED[key](params, jnp.float32(max_norm), *batch)
 
 
 def tree_rel_err(ref, got):
@@ -80,11 +101,12 @@ def tree_rel_err(ref, got):
 
 
 def check_exact(loss_fn, params, batch, max_norm=None):
-  """Ghost == reference (norms and clipped sum); returns the reference norms."""
+  """Ghost == reference (norms and clipped sum); returns (reference, ghost) norms."""
+  pe = per_example_grads(loss_fn, params, batch)
   if max_norm is None:
-    _, n0 = ref_clipped(loss_fn, params, batch, math.inf)
+    _, n0 = np_clip_sum(pe, math.inf)
     max_norm = float(np.median(n0[np.isfinite(n0)]))
-  ref, ref_norms = ref_clipped(loss_fn, params, batch, max_norm)
+  ref, ref_norms = np_clip_sum(pe, max_norm)
   got, norms = ghost(loss_fn, params, batch, max_norm)
   assert jax.tree.structure(got) == jax.tree.structure(params)
   for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
@@ -94,16 +116,22 @@ def check_exact(loss_fn, params, batch, max_norm=None):
   np.testing.assert_allclose(np.asarray(norms)[fin], ref_norms[fin], rtol=1e-5, atol=0)
   err = tree_rel_err(ref, got)
   assert err <= 1e-5, f"clipped sum relative error {err:.2e}"
-  return ref_norms
+  return ref_norms, np.asarray(norms)
 
 
 def fallbacks(cov):
   return {k for k, v in cov.items() if v.startswith("fallback")}
 
 
+def matches(key, fragments):
+  """Whether every fragment is a component of the ``a/b/c`` coverage key."""
+  parts = key.split("/")
+  return all(f in parts for f in fragments)
+
+
 def rule_of(cov, *fragments):
-  """The rule of the one coverage key that contains every fragment."""
-  keys = [k for k in cov if all(f in k for f in fragments)]
+  """The rule of the one coverage key that has every fragment as a component."""
+  keys = [k for k in cov if matches(k, fragments)]
   assert len(keys) == 1, (fragments, sorted(cov))
   return cov[keys[0]]
 
@@ -296,8 +324,9 @@ def custom_vjp_model():
 # ----------------------------------------------------------------------- setup
 
 
+@functools.lru_cache(maxsize=None)
 def setup(name):
-  """(loss_fn, params, batch) for each model under test."""
+  """(loss_fn, params, batch) for each model under test (built once per name)."""
   rng = np.random.default_rng(7)
   y3 = jnp.asarray(rng.integers(0, 3, size=B))
   if name == "nnx_mlp":
@@ -355,7 +384,7 @@ EXPECT = {
                  ("elementwise", ("ln", "bias"))], []),
     "conv": ([("conv_general_dilated", ("c2d_strided", "kernel")),
               ("conv_general_dilated", ("c2d_grouped_dilated", "kernel")),
-              ("conv_general_dilated", ("c1d/", "kernel")),
+              ("conv_general_dilated", ("c1d", "kernel")),
               ("conv_general_dilated", ("c1d_grouped", "kernel")),
               ("elementwise", ("c2d_strided", "bias")), ("dot_general", ("head", "kernel"))],
              []),
@@ -369,7 +398,7 @@ MODELS = list(EXPECT)
 @pytest.mark.parametrize("name", MODELS)
 def test_exact_against_vmap(name):
   loss_fn, params, batch = setup(name)
-  norms = check_exact(loss_fn, params, batch)
+  norms, _ = check_exact(loss_fn, params, batch)
   assert np.all(norms > 0)
 
 
@@ -383,7 +412,7 @@ def test_coverage(name):
   for family, fragments in emblematic:
     assert_family(cov, family, *fragments)
   if fb is not None:
-    expected = {k for k in cov for frags in fb if all(f in k for f in frags)}
+    expected = {k for k in cov for frags in fb if matches(k, frags)}
     assert fallbacks(cov) == expected, cov
 
 
@@ -400,7 +429,7 @@ def test_rnn_kernels_exact_rules():
 def test_tied_embedding_is_exact_and_others_covered():
   loss_fn, params, batch = setup("tied_lm")
   cov = dp.ghost_coverage(loss_fn, params, *batch)
-  assert fallbacks(cov) <= {k for k in cov if "emb" in k}, cov
+  assert fallbacks(cov) <= {"emb"}, cov
 
 
 def test_seq_lengths_padding_is_ignored():
@@ -415,18 +444,23 @@ def test_seq_lengths_padding_is_ignored():
 # ----------------------------------------------------------------- edge cases
 
 
-def test_all_zero_example_and_inf_threshold():
-  loss_fn, params, (tok, lengths, y) = setup("nnx_block")
-  w = jnp.array([1.0, 0.0, 1.0, 1.0])
-  lf = lambda p, t, l, y, w: loss_fn(p, t, l, y) * w
-  norms = check_exact(lf, params, (tok, lengths, y, w))
-  assert norms[1] == 0.0
-  _, gn = ghost(lf, params, (tok, lengths, y, w), 1.0)
-  assert float(gn[1]) == 0.0
-  # max_norm = inf: the plain gradient of the summed loss, as jax.grad gives it.
-  g, _ = ghost(loss_fn, params, (tok, lengths, y), math.inf)
-  ref = jax.grad(lambda p: loss_fn(p, tok, lengths, y).sum())(params)
+@pytest.mark.parametrize("name", ["plain_jax", "nnx_mlp"])
+def test_all_zero_example(name):
+  loss_fn, params, batch = setup(name)
+  w = jnp.array([1.0, 0.0, 1.0, 1.0])  # example 1 has a zero loss and gradient
+  lf = lambda p, *b: loss_fn(p, *b[:-1]) * b[-1]
+  ref_norms, norms = check_exact(lf, params, batch + (w,))
+  assert ref_norms[1] == 0.0 and norms[1] == 0.0
+  assert np.all(np.delete(norms, 1) > 0)
+
+
+@pytest.mark.parametrize("name", ["nnx_block", "olstm"])
+def test_inf_threshold_is_the_plain_gradient(name):
+  loss_fn, params, batch = setup(name)
+  g, norms = ghost(loss_fn, params, batch, math.inf)  # compiled by the exact test
+  ref = jax.jit(jax.grad(lambda p, *b: loss_fn(p, *b).sum()))(params, *batch)
   assert tree_rel_err(ref, g) <= 1e-5
+  assert np.all(np.isfinite(norms))
 
 
 @pytest.mark.parametrize("name", ["nnx_mlp", "plain_jax"])
@@ -443,7 +477,7 @@ def test_nan_loss_contributes_zero(name):
   assert tree_rel_err(ref, got) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["nnx_block", "gru", "equinox"])
+@pytest.mark.parametrize("name", ["plain_jax", "equinox"])
 def test_batch_of_one(name):
   loss_fn, params, batch = setup(name)
   check_exact(loss_fn, params, tuple(x[:1] for x in batch), max_norm=0.1)
