@@ -106,8 +106,12 @@ def _compiled_step(make_tx, kind, dtype):
   return [compiled, params, state, grads, time.perf_counter() - t0]
 
 
-def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3, inner=None) -> dict:
+def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3, inner=None,
+               per_round=False) -> dict:
   """name -> (median step seconds, median ratio to the first entry, compile seconds).
+
+  With ``per_round=True``: name -> dict(median, ratio, compile, times), ``times`` the
+  step time of every round (for ratios between two entries of the same rounds).
 
   All steps are compiled first, then timed in interleaved rounds (per round and
   optimizer, one untimed call, then ``inner`` timed calls synchronised once), so that a
@@ -138,6 +142,11 @@ def time_steps(make_txs: dict, kind, dtype, repeats, warmup=3, inner=None) -> di
       jax.block_until_ready((e[1], e[2]))
       times[name].append((time.perf_counter() - t0) / inner)
   base = times[next(iter(times))]
+  if per_round:
+    return {name: dict(median=statistics.median(ts),
+                       ratio=statistics.median(t / b for t, b in zip(ts, base)),
+                       compile=entries[name][4], times=ts)
+            for name, ts in times.items()}
   return {name: (statistics.median(ts),
                  statistics.median(t / b for t, b in zip(ts, base)), entries[name][4])
           for name, ts in times.items()}
