@@ -195,3 +195,13 @@ def test_relative_links_exist(source):
     # A link into the Sphinx site may omit the .md suffix.
     assert any(c.exists() for c in candidates), (
         f"{source} links to {link}, which does not exist")
+
+
+def test_stale_stubs_are_removed(tmp_path):
+  stubs = tmp_path / apigen.API_DIR / apigen.STUB_DIR
+  stubs.mkdir(parents=True)
+  (stubs / "gradclip_jax.no_longer_public.rst").write_text("stale\n")
+  (stubs / "gradclip_jax.clip_by_norm.rst").write_text("kept\n")
+  apigen.write_pages(tmp_path)
+  assert not (stubs / "gradclip_jax.no_longer_public.rst").exists()
+  assert (stubs / "gradclip_jax.clip_by_norm.rst").read_text() == "kept\n"

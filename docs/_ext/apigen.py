@@ -143,14 +143,36 @@ def module_page(modname: str, title: str, blurb: str,
   return "\n".join(lines)
 
 
+def _stub_names(text: str, modname: str) -> set[str]:
+  """Full names whose stubs the ``:toctree:`` tables of a page generate."""
+  names, in_toctree, in_names = set(), False, False
+  for line in text.splitlines():
+    if line.startswith(".. autosummary::"):
+      in_toctree, in_names = False, False
+    elif line.startswith("   :toctree:"):
+      in_toctree = True
+    elif in_toctree and line.startswith("   ") and not line.startswith("   :"):
+      names.add(f"{modname}.{line.strip()}")
+      in_names = True
+    elif in_names and not line.strip():
+      in_toctree, in_names = False, False
+  return names
+
+
 def write_pages(docs_dir: pathlib.Path) -> list[str]:
-  """Writes docs/api/<module>.rst and docs/api/index.rst; returns the module names."""
+  """Writes docs/api/<module>.rst and docs/api/index.rst; returns the module names.
+
+  Stubs left in docs/api/_autosummary/ by an earlier build for names that are no
+  longer public are removed (they would be pages outside every toctree).
+  """
   out = docs_dir / API_DIR
   out.mkdir(exist_ok=True)
-  written = []
+  written, stubs = [], set()
   home = home_modules()
   for modname, title, blurb in MODULES:
     text = module_page(modname, title, blurb, home)
+    if text is not None:
+      stubs |= _stub_names(text, modname)
     target = out / f"{modname}.rst"
     if text is None:
       if target.exists():
@@ -164,6 +186,9 @@ def write_pages(docs_dir: pathlib.Path) -> list[str]:
            "arguments, the state fields, the errors raised and an example.", "",
            ".. toctree::", "   :maxdepth: 2", ""]
   index += [f"   {m}" for m in written] + [""]
+  for old in (out / STUB_DIR).glob("*.rst"):
+    if old.stem not in stubs:
+      old.unlink()
   text = "\n".join(index)
   target = out / "index.rst"
   if not target.exists() or target.read_text() != text:
