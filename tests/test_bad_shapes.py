@@ -267,3 +267,45 @@ def test_functional_use_norm_is_one_number():
   """use_norm is the norm of a tree: a (2,) array would scale a (2,) leaf per entry."""
   with pytest.raises(ValueError, match="use_norm"):
     F.clip_by_global_norm([jnp.ones(2)], 1.0, use_norm=jnp.array([1.0, 4.0]))
+
+
+# ------------------------------------------- what the docstrings say does fit
+
+
+def test_clip_by_value_broadcastable_bounds_fit():
+  """clip_by_value's docstring: (3, 1) or (1,) fit a (2, 3, 1) leaf (shape unchanged)."""
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(2, 3, 1)) * 3).astype(np.float32)
+  lo = -np.abs(rng.normal(size=(3, 1))).astype(np.float32)
+  hi = np.array([0.5], np.float32)
+  out, _ = _update(gc.clip_by_value({"w": jnp.asarray(lo)}, {"w": jnp.asarray(hi)}),
+                   {"w": jnp.asarray(x)})
+  assert out["w"].shape == (2, 3, 1)
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.clip(x, lo, hi))
+
+
+def test_clip_by_norm_per_row_thresholds_fit():
+  """clip_by_norm's docstring: with axes=-1 a (4, 1) threshold bounds each row."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(4, 3)) * 2).astype(np.float32)
+  c = np.array([[0.5], [1.0], [10.0], [2.0]], np.float32)
+  rows = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  want = x * c / np.maximum(rows, c)  # tf.clip_by_norm per row
+  out, _ = _update(gc.clip_by_norm({"w": jnp.asarray(c)}, axes=-1), {"w": jnp.asarray(x)})
+  np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(F.clip_by_norm(jnp.asarray(x), jnp.asarray(c), -1)),
+                             want, rtol=1e-6, atol=1e-7)
+
+
+def test_whole_leaf_thresholds_of_ones_shape_fit():
+  """Without axes the norm has shape (1,) * ndim: a (1, 1) threshold is a scalar."""
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(2, 3)) * 2).astype(np.float32)
+  n = np.linalg.norm(x.astype(np.float64))
+  c = np.float32(0.5 * n)
+  out, _ = _update(gc.clip_by_norm({"w": jnp.full((1, 1), c)}), {"w": jnp.asarray(x)})
+  np.testing.assert_allclose(np.asarray(out["w"]), x * (c / n), rtol=1e-6)
+  avg = np.float32(0.5 * n / x.size)  # clip_by_average_norm: budget avg * t.size
+  out, _ = _update(gc.clip_by_average_norm({"w": jnp.full((1, 1), avg)}),
+                   {"w": jnp.asarray(x)})
+  np.testing.assert_allclose(np.asarray(out["w"]), x * (avg * x.size / n), rtol=1e-5)
