@@ -18,9 +18,12 @@ TensorFlow                             gradclip_jax.functional
 
 Differences from TensorFlow, all deliberate: norms accumulate in at least float32
 (TF overflows in float16; float64 stays float64 in both), a sum of squares that over-
-or underflows is rescued by an exact rescaling, zero inputs with a zero threshold
-give zeros (not NaN), and a non-finite norm makes every output entry NaN (TF does so
-for ``clip_by_global_norm``; we do it for the per-tensor rules too).
+or underflows is rescued by an exact rescaling, and zero inputs with a zero threshold
+give zeros (not NaN). Non-finite entries behave as in TF: ``clip_by_global_norm``
+makes every entry NaN when the norm is NaN or inf; the per-tensor rules act on the
+leaf that holds the entry only (a NaN entry makes that leaf all NaN; an inf entry
+makes its norm inf, so the leaf's scale is 0: its finite entries become 0 and the inf
+entry NaN).
 """
 
 from __future__ import annotations
