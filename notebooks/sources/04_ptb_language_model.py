@@ -11,7 +11,7 @@
 # To keep the notebook to a few minutes on a CPU, it trains on the first 200k training
 # tokens for 3 epochs. The full run is
 # `gradclip ptb --config small --data-dir ../shared/data/ptb --workdir runs/ptb-small`
-# (its test perplexity is in the trainers guide, `docs/guides/trainers.md`).
+# (its test perplexity is on the benchmarks page, `docs/benchmarks.md`).
 
 # %%
 import dataclasses
