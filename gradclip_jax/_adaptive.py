@@ -154,14 +154,6 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
 
   ``update`` needs the parameters: ``tx.update(grads, state, params)``.
 
-  >>> import jax.numpy as jnp, gradclip_jax
-  >>> tx = gradclip_jax.adaptive_grad_clip(clipping=0.1)
-  >>> params = {"w": jnp.array([[3.0], [4.0]])}          # one unit, ||W|| = 5
-  >>> grads = {"w": jnp.array([[0.0], [2.0]])}            # ||G|| = 2 > 0.1 * 5
-  >>> updates, state = tx.update(grads, tx.init(params), params)
-  >>> updates["w"].ravel().tolist(), float(state.max_ratio), int(state.num_clipped)
-  ([0.0, 0.5], 0.4000000059604645, 1)
-
   Args:
     clipping: the maximal ratio ``||G_i|| / max(||W_i||, eps)`` (>= 0).
     eps: floor on the weight norm (>= 0), so zero-initialised units can move.
@@ -170,6 +162,22 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
 
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AdaptiveGradClipState`.
+
+  Raises:
+    ValueError: a negative or NaN ``clipping``/``eps``, or (at ``update``) missing
+      params, params of another structure or shape than the gradients, or an
+      ``axis`` out of range.
+    TypeError: a non-scalar or non-numeric ``clipping``/``eps``, a bad ``axis``, or
+      (at ``update``) a non-float leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, gradclip_jax
+    >>> tx = gradclip_jax.adaptive_grad_clip(clipping=0.1)
+    >>> params = {"w": jnp.array([[3.0], [4.0]])}          # one unit, ||W|| = 5
+    >>> grads = {"w": jnp.array([[0.0], [2.0]])}            # ||G|| = 2 > 0.1 * 5
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"].ravel().tolist(), float(state.max_ratio), int(state.num_clipped)
+    ([0.0, 0.5], 0.4000000059604645, 1)
   """
   _norms.check_threshold("clipping", clipping, scalar=True)
   _norms.check_threshold("eps", eps, scalar=True)
@@ -286,20 +294,26 @@ def autoclip(percentile: Any = 10.0,
   percentile is exact over the filled part of the buffer
   (:func:`filled_percentile`); a full ``sort`` of ``history_size`` values per step.
 
-  >>> import jax.numpy as jnp, gradclip_jax
-  >>> tx = gradclip_jax.autoclip(percentile=50.0, history_size=4)
-  >>> state = tx.init({"w": jnp.zeros(1)})
-  >>> for n in [1.0, 3.0, 2.0, 8.0]:
-  ...   u, state = tx.update({"w": jnp.array([n])}, state)
-  >>> float(state.max_norm), u["w"].tolist()    # median of 1, 3, 2, 8
-  (2.5, [2.5])
-
   Args:
     percentile: ``p`` in [0, 100] (may be a JAX scalar for ``inject_hyperparams``).
     history_size: ring-buffer length >= 1 (a shape: must be a static Python int).
 
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AutoClipState`.
+
+  Raises:
+    ValueError: ``percentile`` outside [0, 100] or ``history_size < 1``.
+    TypeError: a non-scalar ``percentile``, a ``history_size`` that is not a Python
+      int, or (at ``update``) a non-float leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, gradclip_jax
+    >>> tx = gradclip_jax.autoclip(percentile=50.0, history_size=4)
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for n in [1.0, 3.0, 2.0, 8.0]:
+    ...   u, state = tx.update({"w": jnp.array([n])}, state)
+    >>> float(state.max_norm), u["w"].tolist()    # median of 1, 3, 2, 8
+    (2.5, [2.5])
   """
   _check_range("percentile", percentile, 0.0, 100.0)
   _check_int("history_size", history_size, 1, static=True)
@@ -380,15 +394,6 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
   the detection boundary ``mu + z_thr * (sigma + eps)`` otherwise (``inf`` during
   warm-up), capped by ``max_norm``.
 
-  >>> import jax.numpy as jnp, gradclip_jax
-  >>> tx = gradclip_jax.zclip(warmup_steps=2)
-  >>> state = tx.init({"w": jnp.zeros(1)})
-  >>> for n in [1.0, 3.0]:        # warm-up: mu = 2, sigma = 1
-  ...   _, state = tx.update({"w": jnp.array([n])}, state)
-  >>> u, state = tx.update({"w": jnp.array([12.0])}, state)  # z = 10 > 2.5
-  >>> round(float(u["w"][0]), 4)    # 2 + 2.5 * 1 / (10 / 2.5)
-  2.625
-
   Args:
     alpha: EMA decay in [0, 1).
     z_threshold: z-score above which a norm is a spike (> 0).
@@ -398,6 +403,22 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`ZClipState`.
+
+  Raises:
+    ValueError: a hyperparameter out of its range (``alpha`` in [0, 1),
+      ``z_threshold > 0``, ``warmup_steps >= 0``, ``max_norm``/``eps >= 0``).
+    TypeError: a non-scalar or non-numeric hyperparameter, or (at ``update``) a
+      non-float leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, gradclip_jax
+    >>> tx = gradclip_jax.zclip(warmup_steps=2)
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for n in [1.0, 3.0]:        # warm-up: mu = 2, sigma = 1
+    ...   _, state = tx.update({"w": jnp.array([n])}, state)
+    >>> u, state = tx.update({"w": jnp.array([12.0])}, state)  # z = 10 > 2.5
+    >>> round(float(u["w"][0]), 4)    # 2 + 2.5 * 1 / (10 / 2.5)
+    2.625
   """
   _check_range("alpha", alpha, 0.0, 1.0, hi_open=True)
   _check_range("z_threshold", z_threshold, 0.0, math.inf, lo_open=True)
@@ -501,17 +522,6 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
   ``lambda_rel * gamma``); ``state.max_norm`` is the bound on the output global
   norm: ``lambda_abs`` during warm-up, ``||lambda_rel * gamma||_2`` after.
 
-  >>> import jax.numpy as jnp, gradclip_jax
-  >>> tx = gradclip_jax.adagc(lambda_abs=10.0, lambda_rel=1.0, beta=0.5,
-  ...                         warmup_steps=1)
-  >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
-  >>> _, state = tx.update({"a": jnp.array([1.0]), "b": jnp.array([2.0])}, state)
-  >>> u, state = tx.update({"a": jnp.array([4.0]), "b": jnp.array([1.0])}, state)
-  >>> u["a"].tolist(), u["b"].tolist()         # "a" clipped to gamma_a = 1
-  ([1.0], [1.0])
-  >>> state.gamma["a"].tolist(), state.gamma["b"].tolist()
-  (1.0, 1.5)
-
   Args:
     lambda_abs: global threshold during warm-up (>= 0).
     lambda_rel: relative per-tensor threshold after warm-up (>= 0).
@@ -520,6 +530,25 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
 
   Returns:
     An ``optax.GradientTransformation`` with an :class:`AdaGCState`.
+
+  Raises:
+    ValueError: a hyperparameter out of its range (``lambda_abs``/``lambda_rel``
+      >= 0, ``beta`` in [0, 1), ``warmup_steps >= 0``), or (at ``update``) gradients
+      of another structure than the params given to ``init``.
+    TypeError: a non-scalar or non-numeric hyperparameter, or (at ``update``) a
+      non-float leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, gradclip_jax
+    >>> tx = gradclip_jax.adagc(lambda_abs=10.0, lambda_rel=1.0, beta=0.5,
+    ...                         warmup_steps=1)
+    >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+    >>> _, state = tx.update({"a": jnp.array([1.0]), "b": jnp.array([2.0])}, state)
+    >>> u, state = tx.update({"a": jnp.array([4.0]), "b": jnp.array([1.0])}, state)
+    >>> u["a"].tolist(), u["b"].tolist()         # "a" clipped to gamma_a = 1
+    ([1.0], [1.0])
+    >>> state.gamma["a"].tolist(), state.gamma["b"].tolist()
+    (1.0, 1.5)
   """
   _norms.check_threshold("lambda_abs", lambda_abs, scalar=True)
   _norms.check_threshold("lambda_rel", lambda_rel, scalar=True)
@@ -627,15 +656,6 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
   keep ``threshold`` large (skipping is a last resort), or clip spikes instead
   with :func:`zclip`. ``state.num_skipped`` is worth monitoring.
 
-  >>> import jax.numpy as jnp, optax, gradclip_jax
-  >>> tx = gradclip_jax.skip_spikes(optax.sgd(1.0), threshold=3.0, min_count=2)
-  >>> params = {"w": jnp.zeros(1)}
-  >>> state = tx.init(params)
-  >>> for n in [1.0, 1.2, 100.0]:
-  ...   u, state = tx.update({"w": jnp.array([n])}, state, params)
-  >>> u["w"].tolist(), int(state.num_skipped)
-  ([0.0], 1)
-
   Args:
     inner: the optimizer (or chain) to protect, e.g. ``optax.adamw(1e-3)``.
     threshold: spike threshold in standard deviations (>= 0).
@@ -644,6 +664,22 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`.
+
+  Raises:
+    ValueError: ``threshold < 0``, ``ema_decay`` outside [0, 1) or
+      ``min_count < 0``.
+    TypeError: ``inner`` is not an optax transformation, a non-scalar
+      hyperparameter, or (at ``update``) a non-float leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, gradclip_jax
+    >>> tx = gradclip_jax.skip_spikes(optax.sgd(1.0), threshold=3.0, min_count=2)
+    >>> params = {"w": jnp.zeros(1)}
+    >>> state = tx.init(params)
+    >>> for n in [1.0, 1.2, 100.0]:
+    ...   u, state = tx.update({"w": jnp.array([n])}, state, params)
+    >>> u["w"].tolist(), int(state.num_skipped)
+    ([0.0], 1)
   """
   if not (hasattr(inner, "init") and hasattr(inner, "update")):
     raise TypeError(f"skip_spikes wraps an optax.GradientTransformation, got "
