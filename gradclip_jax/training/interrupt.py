@@ -24,24 +24,30 @@ class StopRequest:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     if self.signum is not None:  # The second signal: exit at once, no checkpoint.
-      sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting without a "
-                       "checkpoint\n")
+      sys.stderr.write(f"\n{signal.Signals(signum).name}, a second signal: exiting at "
+                       "once, without a checkpoint\n")
       sys.stderr.flush()
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
 
 
 @contextlib.contextmanager
-def catch_signals() -> Iterator[StopRequest]:
+def catch_signals(enabled: bool = True) -> Iterator[StopRequest]:
   """Within the block, SIGINT and SIGTERM set the yielded :class:`StopRequest`.
 
   The training loop checks it after every step and then saves and raises
-  :class:`~gradclip_jax.training.errors.Interrupted`. A second signal exits the process
-  at once with status ``128 + signum``. Outside the main thread (where Python cannot
-  install handlers) the request is never set. The previous handlers come back on exit.
+  :class:`~gradclip_jax.training.errors.Interrupted`. A second signal (of either kind;
+  two identical signals that arrive before the first is handled count as one) exits the
+  process at once with status ``128 + signum``. Outside the main thread (where Python
+  cannot install handlers) or with ``enabled=False`` the handlers stay as they are and
+  the request is never set. The previous handlers come back on exit.
+
+  The trainers pass ``enabled=False`` in a multi-host run: the processes would stop at
+  different steps and wait for each other in the next collective, so there a signal
+  ends the process as usual and the run resumes from its last periodic checkpoint.
   """
   stop = StopRequest()
-  if threading.current_thread() is not threading.main_thread():
+  if not enabled or threading.current_thread() is not threading.main_thread():
     yield stop
     return
   previous = {s: signal.signal(s, stop._handle) for s in _SIGNALS}  # pylint: disable=protected-access

@@ -332,8 +332,8 @@ def train_and_evaluate(config: configs.TrainConfig,
 
   Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
   ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
-  after the current step with a checkpoint: :class:`~gradclip_jax.training.errors.
-  Interrupted`.
+  after the current step with a checkpoint and raise
+  :class:`~gradclip_jax.training.errors.Interrupted`.
 
   Returns a dict with what ``results.json`` holds (``test_acc``, ``selected_epoch`` --
   ``None`` if no epoch finished, then the final parameters are tested --,
@@ -436,7 +436,7 @@ def train_and_evaluate(config: configs.TrainConfig,
     return record
 
   first_step = True
-  with catch_signals() as stop:
+  with catch_signals(enabled=jax.process_count() == 1) as stop:
     while step < total_steps:
       epoch, pos = divmod(step, steps_per_epoch)
       batches = input_pipeline.bucketed_batches(

@@ -341,8 +341,8 @@ def train_and_evaluate(config: configs.TrainConfig,
 
   Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
   ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
-  after the current step with a checkpoint: :class:`~gradclip_jax.training.errors.
-  Interrupted`.
+  after the current step with a checkpoint and raise
+  :class:`~gradclip_jax.training.errors.Interrupted`.
   """
   workdir = pathlib.Path(workdir)
   run, hp = config.run, config.hparams
@@ -395,7 +395,7 @@ def train_and_evaluate(config: configs.TrainConfig,
                                    "done": done, "config": described})
 
   stopped, first_step = False, True
-  with catch_signals() as stop:
+  with catch_signals(enabled=jax.process_count() == 1) as stop:
 
     def stop_if_asked():  # after a checkpoint at global_step
       if stop:
