@@ -18,6 +18,8 @@ markdown table of milliseconds and ratios.
     python benchmarks/clip_overhead.py            # everything
     python benchmarks/clip_overhead.py --quick    # fewer repeats, core rules only
     python benchmarks/clip_overhead.py --malloc tuned   # glibc keeps freed memory
+    python benchmarks/clip_overhead.py --trees "1000 leaves/float32" \
+        --rules optax.clip_by_global_norm,clip_by_global_norm   # a subset
 
 On CPU the result depends on the host allocator. A clip whose scaled gradients XLA
 materialises (bfloat16: XLA:CPU does not duplicate the scale into both Adam moment
@@ -185,6 +187,9 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true", help="5 repeats, core rules only")
   ap.add_argument("--trees", default="25M/float32,25M/bfloat16,1000 leaves/float32",
                   help="comma-separated tree/dtype pairs")
+  ap.add_argument("--rules", default="",
+                  help="comma-separated optimizer names to time (default: all); "
+                       "'adam alone' is always timed first")
   ap.add_argument("--json", help="also write the results to this JSON file")
   args = ap.parse_args(argv)
   if args.malloc is not None and argv is None:
@@ -201,8 +206,11 @@ def main(argv=None):
     print(f"## {kind} {dtype}\n")
     print("| optimizer | step ms | / adam alone | compile s |")
     print("|---|---:|---:|---:|")
-    timed = time_steps(optimizers(adaptive=not args.quick), kind, jnp.dtype(dtype),
-                       repeats)
+    txs = optimizers(adaptive=not args.quick)
+    if args.rules:
+      wanted = {"adam alone", *args.rules.split(",")}
+      txs = {k: v for k, v in txs.items() if k in wanted}
+    timed = time_steps(txs, kind, jnp.dtype(dtype), repeats)
     for name, (t, ratio, c) in timed.items():
       results.append(dict(tree=kind, dtype=dtype, optimizer=name, step_ms=1e3 * t,
                           ratio=ratio, compile_s=c))

@@ -657,6 +657,8 @@ def _donated_step_hlo(tx, params):
 def test_skip_spikes_step_does_not_copy_the_inner_state():
   """A donated skip_spikes(adam) step overwrites Adam's moments in place on CPU.
 
+  Guards the ``skip_ordered_select`` workaround (``gradclip_jax._tuning``).
+
   Selecting the state between old and new once made XLA:CPU copy every moment at
   entry (3.9x the time of adam alone on the 25M float32 tree of
   benchmarks/clip_overhead.py, 1.6x without the copies). Large leaves are never copied.
@@ -676,8 +678,9 @@ def test_skip_spikes_step_does_not_copy_the_inner_state():
 def test_step_writes_no_float32_copy_of_bf16_leaves(name):
   """XLA:CPU used to write a float32 copy of every bfloat16 leaf in these steps: the
   rule's norms and the optimizer shared one ``convert`` of the weights (AGC) or of the
-  gradients (skip_spikes); see ``_adaptive._weights_apart`` and ``_norm_apart``. No
-  kernel of the step may write that many bytes."""
+  gradients (skip_spikes). Guards the ``agc_weights_apart`` and ``skip_norm_apart``
+  workarounds (``gradclip_jax._tuning``). No kernel of the step may write that many
+  bytes."""
   if jax.default_backend() != "cpu":
     pytest.skip("an XLA:CPU fusion decision")
   import os, sys  # pylint: disable=import-outside-toplevel,multiple-imports
