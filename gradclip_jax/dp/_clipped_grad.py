@@ -198,12 +198,14 @@ def extra_bytes_per_example(plan, comps) -> int:
   """Estimated extra bytes per example of the ghost method (records, probes, temps)."""
   b = plan.b
   total = 0
+  for aval, stack in plan.top.probe_avals.values():
+    total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1) // b
+  seen = set()
   for u in plan.uses:
     steps = int(np.prod(u.stack, dtype=np.int64)) if u.stack else 1
-    for k in u.probe_pos:
-      total += _nbytes(u.eqn.outvars[k].aval, steps) // b
     for j in u.data.get("needs", ()):
-      if isinstance(u.in_info[j].spec, _trace.Spec):
+      if isinstance(u.in_info[j].spec, _trace.Spec) and u.rec_key[j] not in seen:
+        seen.add(u.rec_key[j])
         total += _nbytes(u.eqn.invars[j].aval, steps) // b
     total += u.rule.temp_bytes(u, b)
   for c in comps:
@@ -248,8 +250,8 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   views = _trace.run_views(plan, p_flat)
 
   def use_arrays(u):
-    recs = {j: records[(u.uid, j)] for j in u.rec_pos if (u.uid, j) in records}
-    gs = {k: g_probe[(u.uid, k)] for k in u.probe_pos}
+    recs = {j: records[u.rec_key[j]] for j in u.rec_pos if u.rec_key[j] in records}
+    gs = {k: g_probe[u.probe_key[k]] for k in u.probe_pos}
     vw = {j: views[(u.uid, j)] for j in u.p_pos}
     return recs, gs, vw
 

@@ -102,6 +102,8 @@ class Use:
   params_same: bool = True  # the equation's parameters do not depend on B
   where: str = ""       # source location, for messages
   scope_id: int = 0     # the program level it sits in (uses merge only within one)
+  rec_key: dict = dataclasses.field(default_factory=dict)    # operand j -> record key
+  probe_key: dict = dataclasses.field(default_factory=dict)  # output k -> probe key
 
 
 @dataclasses.dataclass
@@ -111,6 +113,8 @@ class Scope:
   consts: list
   actions: list = dataclasses.field(default_factory=list)  # per equation
   uses: list = dataclasses.field(default_factory=list)     # all uses, nested included
+  probe_at: dict = dataclasses.field(default_factory=dict)  # eqn index -> [(k, key)]
+  probe_avals: dict = dataclasses.field(default_factory=dict)  # key -> (aval, stack)
 
 
 @dataclasses.dataclass
@@ -266,6 +270,7 @@ class _Analysis:
     def rd(v):
       return _CONST if _is_literal(v) else env[v]
 
+    direct = []
     for i, (eqn, eqn1) in enumerate(zip(jaxpr.eqns, jaxpr1.eqns)):
       name = eqn.primitive.name
       if name != eqn1.primitive.name or len(eqn.invars) != len(eqn1.invars) or len(
@@ -281,8 +286,8 @@ class _Analysis:
 
       out_specs = [_spec(_shape(v), _shape(v1), self.b, guess)
                    for v, v1 in zip(eqn.outvars, eqn1.outvars)]
-      if not eqn_live[i]:
-        sc.actions.append(("skip",))
+      if not eqn_live[i]:  # not needed for the losses (maybe for aux): evaluated as is
+        sc.actions.append(("bind",))
         for v, s in zip(eqn.outvars, out_specs):
           env[v] = Info(V, batch_in, s, frozenset(), False)
         continue
@@ -320,6 +325,7 @@ class _Analysis:
         infos = self._scan(sc, eqn, eqn1, ins, live, stack)
       else:
         infos = self._use(sc, eqn, eqn1, ins, out_specs, stack)
+        direct.append(sc.actions[-1][1])
       for v, info in zip(eqn.outvars, infos):
         env[v] = info
       # Cross-example operations: refused.
@@ -336,7 +342,56 @@ class _Analysis:
               "loss; normalise per example (LayerNorm/GroupNorm, BatchNorm with "
               "use_running_average=True) or reduce over the batch outside loss_fn")
     sc.out_info = [rd(v) for v in jaxpr.outvars]
+    self._place_probes(sc, direct, stack)
+    for child in sc.actions:
+      if child[0] in ("inline", "scan"):
+        sc.probe_avals.update(child[1].probe_avals)
     return sc
+
+  def _place_probes(self, sc, direct, stack):
+    """Probe keys of this level's uses; records keyed by variable (shared).
+
+    A use's output that is only added (same shape) into one other value has that
+    value's gradient: the probe moves forward through such ``add`` equations, so the
+    two Dense layers of an LSTM gate (``W_x x + W_h h``) and a Dense and its bias
+    share one probe.
+    """
+    jaxpr = sc.jaxpr
+    producer, consumers = {}, {}
+    for i, (eqn, act) in enumerate(zip(jaxpr.eqns, sc.actions)):
+      if act[0] == "skip":
+        continue
+      for v in eqn.outvars:
+        producer[v] = i
+      for v in eqn.invars:
+        if not _is_literal(v):
+          consumers.setdefault(v, []).append(i)
+    for v in jaxpr.outvars:
+      if not _is_literal(v):
+        consumers.setdefault(v, []).append(-1)
+    for use in direct:
+      for j in use.rec_pos:
+        use.rec_key[j] = (id(sc), id(use.eqn.invars[j]))
+      for k in use.probe_pos:
+        v = use.eqn.outvars[k]
+        while True:
+          cs = consumers.get(v, [])
+          if len(cs) != 1 or cs[0] < 0:
+            break
+          nxt = jaxpr.eqns[cs[0]]
+          if (nxt.primitive.name not in ("add", "add_any")
+              or sc.actions[cs[0]][0] not in ("bind", "use")
+              or _shape(nxt.outvars[0]) != _shape(v)
+              or nxt.outvars[0].aval.dtype != v.aval.dtype):
+            break
+          v = nxt.outvars[0]
+        key = (id(sc), id(v))
+        use.probe_key[k] = key
+        if key not in sc.probe_avals:
+          sc.probe_avals[key] = (v.aval, stack)
+          i = producer[v]
+          out_k = list(jaxpr.eqns[i].outvars).index(v)
+          sc.probe_at.setdefault(i, []).append((out_k, key))
 
   def _guess(self, eqn, eqn1, ins, ax, s0, s1):
     """(inner, outer) of a merged example axis of an output of ``eqn``."""
@@ -505,7 +560,7 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
       return v.val
     return env.get(v)
 
-  for eqn, act in zip(sc.jaxpr.eqns, sc.actions):
+  for i, (eqn, act) in enumerate(zip(sc.jaxpr.eqns, sc.actions)):
     kind = act[0]
     if kind == "skip":
       continue
@@ -531,9 +586,10 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
       outs = _bind(eqn, ins)
       for j in use.rec_pos:
         if j in use.data.get("needs", use.rec_pos):
-          records[(use.uid, j)] = ins[j]
-      for k in use.probe_pos:
-        outs[k] = outs[k] + probes[(use.uid, k)].astype(outs[k].dtype)
+          records[use.rec_key[j]] = ins[j]
+    if not views:
+      for k, key in sc.probe_at.get(i, ()):
+        outs[k] = outs[k] + probes[key].astype(outs[k].dtype)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar) and x is not None:
         env[v] = x
@@ -544,8 +600,7 @@ def _eval_scan(eqn, child, ins, probes, records):
   prm = eqn.params
   nc, ncar = prm["num_consts"], prm["num_carry"]
   consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
-  keys = [k for k in probes if k[0] in {u.uid for u in child.uses}]
-  px = {k: probes[k] for k in keys}
+  px = {k: probes[k] for k in child.probe_avals}
 
   def body(carry, x):
     xs_t, px_t = x
@@ -561,13 +616,8 @@ def _eval_scan(eqn, child, ins, probes, records):
 
 def probe_shapes(plan: Plan) -> dict:
   """{(uid, k): ShapeDtypeStruct} of every probe (stacked over enclosing scans)."""
-  out = {}
-  for u in plan.uses:
-    for k in u.probe_pos:
-      aval = u.eqn.outvars[k].aval
-      out[(u.uid, k)] = jax.ShapeDtypeStruct(tuple(u.stack) + tuple(aval.shape),
-                                             aval.dtype)
-  return out
+  return {key: jax.ShapeDtypeStruct(tuple(stack) + tuple(aval.shape), aval.dtype)
+          for key, (aval, stack) in plan.top.probe_avals.items()}
 
 
 def run_probes(plan: Plan, p_flat, b_flat, probes):
