@@ -605,7 +605,7 @@ def test_project_ptb_model_time_major_with_steps_equal_to_batch(num_steps):
   cfg = dataclasses.replace(configs.get_config("test"), hidden_size=6, num_layers=2,
                             vocab_size=30, num_steps=num_steps, batch_size=4)
   model = train.build_model(cfg)
-  params = train.init_state(model, optax.sgd(1.0), cfg, seed=0)["params"]
+  params = train.init_state(model, optax.sgd(1.0), cfg, seed=0).params
   x = jax.random.randint(jax.random.key(1), (4, num_steps), 0, 30)
   y = jax.random.randint(jax.random.key(2), (4, num_steps), 0, 30)
   lf = train.per_window_loss_fn(model, jax.random.key(3))
