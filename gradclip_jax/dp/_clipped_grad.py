@@ -442,8 +442,8 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
     ...                            return_norms=True)(w, x, y)
     >>> print(norms)  # |2 (x_b . w - y_b)| ||x_b||
     [18.    0.02]
-    >>> print(g)  # example 0 scaled to norm 1, example 1 kept
-    [1.   0.02]
+    >>> print(g)  # [18, 0] scaled to norm 1, plus [0, -0.02] kept
+    [ 1.   -0.02]
   """
   _norms.check_threshold("max_norm", max_norm)
   if method not in METHODS:
