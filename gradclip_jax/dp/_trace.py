@@ -79,6 +79,7 @@ class Info:
   spec: Any            # Spec, None (no example axis) or UNKNOWN
   origin: frozenset    # parameter leaf indices a P value depends on
   iso: bool            # P value is an isometric view of distinct parameter leaves
+  bsrc: Any = None     # P value broadcast over the batch: (source var, its Info, dims)
 
 
 _CONST = Info(C, False, None, frozenset(), True)
@@ -103,6 +104,10 @@ class Use:
   where: str = ""       # source location, for messages
   scope_id: int = 0     # the program level it sits in (uses merge only within one)
   rec_key: dict = dataclasses.field(default_factory=dict)    # operand j -> record key
+  # operand j -> (broadcast_dimensions, shape, example axis): W'_j is read broadcast over the batch;
+  # the use's W'_j is the value before that broadcast_in_dim (src[j]).
+  pre: dict = dataclasses.field(default_factory=dict)
+  src: dict = dataclasses.field(default_factory=dict)
   probe_key: dict = dataclasses.field(default_factory=dict)  # output k -> probe key
 
 
@@ -313,6 +318,10 @@ class _Analysis:
         if name == "convert_element_type" and not _is_float_aval(eqn.outvars[0].aval):
           iso = False
         infos = [Info(P, False, s, origin, iso) for s in out_specs]
+        if (name == "broadcast_in_dim" and isinstance(out_specs[0], Spec)
+            and ins[0].kind == P and ins[0].spec is None):
+          infos[0].bsrc = (eqn.invars[0], ins[0],
+                           tuple(eqn.params["broadcast_dimensions"]))
       elif name in INLINE:
         inner, iconsts = _inner(eqn.params)
         inner1, _ = _inner(eqn1.params)
@@ -460,6 +469,14 @@ class _Analysis:
   def _use(self, sc, eqn, eqn1, ins, out_specs, stack):
     name = eqn.primitive.name
     p_pos = tuple(j for j, x in enumerate(ins) if x.kind == P)
+    ins = list(ins)
+    pre, src = {}, {}
+    for j in p_pos:
+      if ins[j].spec is not None and ins[j].bsrc is not None:
+        var, info, dims = ins[j].bsrc
+        pre[j] = (dims, _shape(eqn.invars[j]), ins[j].spec)
+        src[j] = var
+        ins[j] = info
     rec_pos = tuple(j for j, (v, x) in enumerate(zip(eqn.invars, ins))
                     if x.kind != P and not _is_literal(v))
     out_info = tuple(Info(V, True, s, frozenset(), False) for s in out_specs)
@@ -468,7 +485,7 @@ class _Analysis:
     use = Use(uid=len(self.uses), eqn=eqn, prim=name, p_pos=p_pos, rec_pos=rec_pos,
               in_info=tuple(ins), out_info=out_info, probe_pos=probe_pos, stack=stack,
               params_same=_same_params(eqn.params, eqn1.params), where=where_of(eqn),
-              scope_id=id(sc))
+              scope_id=id(sc), pre=pre, src=src)
     for k in probe_pos:
       if not isinstance(out_specs[k], Spec):
         raise Unsupported(f"the output of {name!r} {use.where}, which reads a "
@@ -581,7 +598,7 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
       use = act[1]
       if views:
         for j in use.p_pos:
-          records[(use.uid, j)] = ins[j]
+          records[(use.uid, j)] = env[use.src[j]] if j in use.src else ins[j]
         continue
       outs = _bind(eqn, ins)
       for j in use.rec_pos:

@@ -26,7 +26,7 @@ class DotGeneral(cm.Rule):
   family = "dot_general"
 
   def match(self, use):
-    if len(use.p_pos) != 1 or len(use.eqn.invars) != 2:
+    if len(use.p_pos) != 1 or len(use.eqn.invars) != 2 or use.pre:
       return None
     wpos = use.p_pos[0]
     xpos = 1 - wpos

@@ -28,13 +28,24 @@ class Elementwise(cm.Rule):
     if use.in_info[wpos].spec is not None:
       return None
     out = _trace._shape(use.eqn.outvars[0])  # pylint: disable=protected-access
-    ws = _trace._shape(use.eqn.invars[wpos])  # pylint: disable=protected-access
-    if ws and (len(ws) != len(out) or any(w not in (1, o) for w, o in zip(ws, out))):
-      return None
     spec = use.out_info[0].spec
     if not isinstance(spec, _trace.Spec):
       return None
-    wfull = list(ws) if ws else [1] * len(out)
+    if wpos in use.pre:  # W' broadcast over the batch by a broadcast_in_dim
+      dims, bshape, _ = use.pre[wpos]
+      ws = _trace._shape(use.src[wpos])  # pylint: disable=protected-access
+      if tuple(bshape) != tuple(out):
+        return None
+      wfull = [1] * len(out)
+      for i, d in enumerate(dims):
+        if ws[i] not in (1, out[d]):
+          return None
+        wfull[d] = ws[i]
+    else:
+      ws = _trace._shape(use.eqn.invars[wpos])  # pylint: disable=protected-access
+      if ws and (len(ws) != len(out) or any(w not in (1, o) for w, o in zip(ws, out))):
+        return None
+      wfull = list(ws) if ws else [1] * len(out)
     if wfull[spec.axis] != 1:
       return None
     needs = (xpos,) if use.prim == "mul" else ()

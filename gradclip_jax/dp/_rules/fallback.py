@@ -46,9 +46,15 @@ def _step_grads(use, mode, vals, gs, b):
   ws = [vals[j] for j in p_pos]
   n_in = len(eqn.invars)
 
-  def full(wvals, others):
+  def full(wvals, others, one_example):
     out = list(others)
     for j, w in zip(p_pos, wvals):
+      if j in use.pre:  # W'_j read broadcast over the batch
+        dims, shape, bspec = use.pre[j]
+        shape = list(shape)
+        if one_example:
+          shape[bspec.axis] = bspec.outer * bspec.inner
+        w = lax.broadcast_in_dim(w, tuple(shape), dims)
       out[j] = w
     return out
 
@@ -71,7 +77,7 @@ def _step_grads(use, mode, vals, gs, b):
 
     def one(others, gk):
       def f(*wv):
-        return _trace._bind(eqn, full(wv, others))  # pylint: disable=protected-access
+        return _trace._bind(eqn, full(wv, others, True))  # pylint: disable=protected-access
       outs, vjp = jax.vjp(f, *ws)
       cts, it = [], iter(gk)
       for k, o in enumerate(outs):
@@ -85,7 +91,7 @@ def _step_grads(use, mode, vals, gs, b):
     others = list(vals)
 
     def f(*wv):
-      return _trace._bind(eqn, full(wv, others))  # pylint: disable=protected-access
+      return _trace._bind(eqn, full(wv, others, False))  # pylint: disable=protected-access
 
     outs, vjp = jax.vjp(f, *ws)
 
@@ -141,7 +147,7 @@ class Fallback(cm.Rule):
 
   def match(self, use):
     for j in use.p_pos:
-      if use.in_info[j].spec is not None:
+      if use.in_info[j].spec is not None and j not in use.pre:
         raise _trace.Unsupported(
             f"the parameter operand of {use.prim!r} {use.where} has an example axis "
             "(a parameter broadcast over the batch before a non-elementwise operation)")

@@ -22,7 +22,7 @@ class Gather(cm.Rule):
   family = "gather"
 
   def match(self, use):
-    if use.p_pos != (0,) or len(use.eqn.invars) != 2:
+    if use.p_pos != (0,) or len(use.eqn.invars) != 2 or use.pre:
       return None
     prm = use.eqn.params
     dn = prm["dimension_numbers"]
