@@ -329,6 +329,13 @@ def test_data_subcommand_is_registered(capsys):
   assert "data" not in cli.TRAINERS  # works without the [train] extra
 
 
+def test_data_fetch_needs_no_train_extra(monkeypatch, capsys):
+  for module in ("flax", "tqdm", "orbax.checkpoint"):
+    monkeypatch.setitem(sys.modules, module, None)
+  assert cli.main(["data", "fetch", "--help"]) == 0
+  assert "ptb" in capsys.readouterr().out
+
+
 def test_resume_command_drops_overwrite():
   assert cli.resume_command(["ptb", "--workdir", "a b", "--overwrite"]) == \
       "gradclip ptb --workdir 'a b' --resume"

@@ -36,7 +36,7 @@ __all__ = ["UsageError", "ArgumentParser", "add_common_arguments", "run_options"
 def suggest_flag(parser: argparse.ArgumentParser, unknown: str) -> str | None:
   """The option of ``parser`` closest to ``unknown`` (difflib), or ``None``."""
   name = unknown.split("=", 1)[0]
-  options = [s for a in parser._actions for s in a.option_strings]  # pylint: disable=protected-access
+  options = sorted(set(re.findall(r"--[A-Za-z0-9][-A-Za-z0-9]*", parser.format_help())))
   close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
   return close[0] if close else None
 
