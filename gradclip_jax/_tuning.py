@@ -57,15 +57,24 @@ def overflow_cond(pred, rescued: Callable, plain: Callable, *operands):
 # ------------------------------------------------------------------ scale_barrier
 
 
+def _low_precision(x) -> bool:
+  """Whether ``x`` is accumulated in a wider dtype than its own (float16, bfloat16)."""
+  dtype = jnp.dtype(x.dtype)
+  return jnp.promote_types(dtype, jnp.float32) != dtype
+
+
 def scale_barrier(scales: list, leaves: list) -> tuple:
   """``(scales, leaves)``, through one ``lax.optimization_barrier`` when tuned.
 
-  Workaround ``scale_barrier`` (XLA:CPU). Without it XLA:CPU fused the final
-  multiply with the reductions that produced the scales and materialised a float32
-  copy of every low-precision leaf for the norm (a bfloat16 clip of 25M entries took
-  ~10x longer). The barrier only orders the computation; the values pass unchanged.
+  Workaround ``scale_barrier`` (XLA:CPU), for trees with float16/bfloat16 leaves.
+  Without it XLA:CPU fused the final multiply with the reductions that produced the
+  scales and materialised a float32 copy of every low-precision leaf for the norm
+  (``benchmarks/tuning_ab.py``: the bfloat16 25M clip_by_global_norm + adam step 23%
+  slower without it). A tree of float32/float64 leaves only gets slower behind the
+  barrier (-5% in the same run), so it passes as is. The barrier only orders the
+  computation; the values pass unchanged.
   """
-  if not _on("scale_barrier"):
+  if not _on("scale_barrier") or not any(_low_precision(x) for x in leaves):
     return scales, leaves
   return tuple(lax.optimization_barrier((scales, leaves)))
 

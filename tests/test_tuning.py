@@ -130,9 +130,10 @@ def _step_programs(tx, params):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU workarounds")
 def test_the_switch_changes_the_cpu_program():
   """The tuned program has the conditional (overflow_cond) and the barrier
-  (scale_barrier); the plain one has neither. Without this the test above could pass
-  because the switch did nothing."""
-  params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
+  (scale_barrier, which targets trees with bfloat16/float16 leaves); the plain one
+  has neither. Without this the test above could pass because the switch did
+  nothing."""
+  params = {"w": jnp.ones((64, 32), jnp.bfloat16), "b": jnp.ones(32)}
   tx = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3))
   barrier = "stablehlo.optimization_barrier"
   with config.backend_tuning_set(True):
