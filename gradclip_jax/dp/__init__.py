@@ -71,10 +71,12 @@ vmap when the program cannot be analysed (e.g. ``loss_fn`` cannot be traced at
 ``B + 1``) or no parameter gets an exact rule.
 
 Memory: with ``microbatch_size=None`` the ghost method splits the batch into
-microbatches (the largest divisor ``m`` of ``B``) so that its own extra memory per
-microbatch - recorded operands, probe gradients, Gram/direct/per-example
-temporaries, estimated from the traced shapes - stays within
-:data:`GHOST_MEMORY_BUDGET` bytes; pass ``microbatch_size`` to choose ``m`` yourself
+microbatches (the largest divisor ``m`` of ``B``) so that its own extra memory over
+a plain step per microbatch - the probe gradients, the largest Gram/direct/
+per-example temporary of one rule, and the per-example gradients of parameters on
+the per-example path, estimated from the traced shapes - stays within
+``GHOST_MEMORY_BUDGET`` bytes (512 MiB; ``gradclip_jax.dp.GHOST_MEMORY_BUDGET``, read
+when the step is traced); pass ``microbatch_size`` to choose ``m`` yourself
 (``microbatch_size=B``: one pass over the whole batch).
 """
 

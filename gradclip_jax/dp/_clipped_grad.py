@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -18,10 +19,11 @@ from gradclip_jax.dp._rules import _common as cm
 
 METHODS = ("auto", "vmap", "ghost")
 
-#: Bytes of extra memory (records, probe gradients, rule temporaries) that one
-#: microbatch of the ghost method may use when ``microbatch_size=None``; the batch is
-#: split into the fewest equal microbatches that fit (see :mod:`gradclip_jax.dp`).
-GHOST_MEMORY_BUDGET = 256 * 2 ** 20
+#: Bytes of extra memory over a plain step (probe gradients, rule temporaries, see
+#: ``extra_bytes_per_example``) that one microbatch of the ghost method may use when
+#: ``microbatch_size=None``; the batch is split into the fewest equal microbatches
+#: that fit (see :mod:`gradclip_jax.dp`).
+GHOST_MEMORY_BUDGET = 512 * 2 ** 20
 
 
 # ------------------------------------------------------------------------ helpers
@@ -195,19 +197,20 @@ def _nbytes(aval, steps=1) -> int:
 
 
 def extra_bytes_per_example(plan, comps) -> int:
-  """Estimated extra bytes per example of the ghost method (records, probes, temps)."""
+  """Estimated extra bytes per example of the ghost method over a plain step.
+
+  The probe gradients (stacked over the steps inside scans), the largest temporary of
+  one rule (Gram matrices, per-example weight gradients, canonical copies), and the
+  per-example gradients of the parameters on the per-example path.
+  """
   b = plan.b
   total = 0
   for aval, stack in plan.top.probe_avals.values():
     total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1) // b
-  seen = set()
-  for u in plan.uses:
-    steps = int(np.prod(u.stack, dtype=np.int64)) if u.stack else 1
-    for j in u.data.get("needs", ()):
-      if isinstance(u.in_info[j].spec, _trace.Spec) and u.rec_key[j] not in seen:
-        seen.add(u.rec_key[j])
-        total += _nbytes(u.eqn.invars[j].aval, steps) // b
-    total += u.rule.temp_bytes(u, b)
+  # The recorded operands are values the backward pass keeps anyway (residuals);
+  # the rules' temporaries come and go, so only the largest counts.
+  temp = max([u.rule.temp_bytes(u, b) for u in plan.uses] or [0])
+  total += temp
   for c in comps:
     if not c.direct:
       total += 4 * sum(int(np.prod(plan.param_avals[i].shape, dtype=np.int64))
@@ -217,7 +220,9 @@ def extra_bytes_per_example(plan, comps) -> int:
 
 def auto_microbatch(plan, comps, budget=None) -> int:
   """The largest divisor m of B with m * extra_bytes_per_example <= the budget."""
-  budget = GHOST_MEMORY_BUDGET if budget is None else budget
+  if budget is None:  # gradclip_jax.dp.GHOST_MEMORY_BUDGET, as the user may have set it
+    budget = getattr(sys.modules.get("gradclip_jax.dp"), "GHOST_MEMORY_BUDGET",
+                     GHOST_MEMORY_BUDGET)
   per = max(extra_bytes_per_example(plan, comps), 1)
   b = plan.b
   for m in range(b, 0, -1):
