@@ -118,6 +118,7 @@ class _Component:
   leaves: frozenset
   direct: bool            # one group, isometric: the rule's own norm is the leaves' norm
   name: str
+  tied: Any = None        # (gather group, dot group, rows_are_free): exact cross term
 
 
 def _structure(plan: _trace.Plan):
@@ -166,8 +167,56 @@ def _structure(plan: _trace.Plan):
       name += " (scan)"
     if len(uses) > 1:
       name += f" x{len(uses)} uses"
-    out.append(_Component(gs, leaves, len(gs) == 1 and gs[0].direct, name))
+    comp = _Component(gs, leaves, len(gs) == 1 and gs[0].direct, name)
+    comp.tied = _tied_pair(gs)
+    if comp.tied is not None:
+      comp.direct = True
+    out.append(comp)
   return out
+
+
+def _tied_pair(gs):
+  """(gather group, dot group, rows_are_free) for a table read by both, else None.
+
+  A 2-D table ``E [V, D]`` looked up by ``gather`` and multiplied by ``dot_general``
+  (``h @ E.T``, tied input/output embeddings): the per-example gradient is the sum of
+  the two uses' gradients, and its squared norm is ``|G_gather|^2 + |G_dot|^2 + 2
+  <G_gather, G_dot>``, the cross term computed on the looked-up rows only.
+  """
+  if len(gs) != 2 or not all(g.direct for g in gs):
+    return None
+  fam = {g.rule.family: g for g in gs}
+  if set(fam) != {"gather", "dot_general"}:
+    return None
+  ga, dg = fam["gather"], fam["dot_general"]
+  if ga.origin != dg.origin or len(ga.origin) != 1:
+    return None
+  ug, ud = ga.uses[0], dg.uses[0]
+  gi, di = ug.in_info[0], ud.in_info[ud.data["wpos"]]
+  if gi.perm != (0, 1) or di.perm is None or len(di.perm) != 2 or ud.data["H"] != 1:
+    return None
+  wpos = ud.data["wpos"]
+  row = di.perm.index(0)  # W' dim holding the table's rows
+  (lc, rc), _ = ud.eqn.params["dimension_numbers"]
+  wc = list(rc if wpos == 1 else lc)
+  if wc == [row]:
+    return ga, dg, False
+  if wc == [1 - row]:
+    return ga, dg, True
+  return None
+
+
+def _tied_cross(cg, cd, rows_are_free):
+  """<G_gather_b, G_dot_b> per example (see ``_tied_pair``)."""
+  ids, g1 = cg["ids"], cg["g"]                    # [B, P], [B, P, D]
+  a, g = cm.f32(cd["a"][:, 0]), cm.f32(cd["g"][:, 0])  # [B, T, K], [B, T, N]
+  if rows_are_free:  # dW'_b[v] = sum_t g_t[v] a_t: a_t are D-vectors
+    m = jnp.einsum("bpd,btd->bpt", g1, a, precision=cm.HI)
+    sel = jnp.take_along_axis(g, ids[:, None, :], axis=2)  # [B, T, P]
+  else:              # dW'_b[v] = sum_t a_t[v] g_t: g_t are D-vectors
+    m = jnp.einsum("bpd,btd->bpt", g1, g, precision=cm.HI)
+    sel = jnp.take_along_axis(a, ids[:, None, :], axis=2)
+  return jnp.einsum("bpt,btp->b", m, sel, precision=cm.HI)
 
 
 def _plan(loss_fn, has_aux, params, batch):
@@ -282,6 +331,11 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   sq = jnp.zeros((b,), jnp.float32)
   materialised = []  # (component, {leaf: [B, ...] per-example grads})
   for c in comps:
+    if c.tied is not None:
+      ga, dg, free = c.tied
+      cga, cdg = canons[id(ga)], canons[id(dg)]
+      sq = sq + ga.rule.sq(cga) + dg.rule.sq(cdg) + 2.0 * _tied_cross(cga, cdg, free)
+      continue
     if c.direct:
       g = c.groups[0]
       sq = sq + g.rule.sq(canons[id(g)])
@@ -321,11 +375,11 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   for c in comps:
     if not c.direct:
       continue
-    g = c.groups[0]
-    u0 = g.uses[0]
-    for j, x in g.rule.weighted(canons[id(g)], weights, finite, None).items():
-      direct_keys.append((u0.uid, j))
-      cts.append(x.astype(jnp.result_type(views[(u0.uid, j)])))
+    for g in c.groups:
+      u0 = g.uses[0]
+      for j, x in g.rule.weighted(canons[id(g)], weights, finite, None).items():
+        direct_keys.append((u0.uid, j))
+        cts.append(x.astype(jnp.result_type(views[(u0.uid, j)])))
   total = [jnp.zeros(jnp.shape(x), jnp.float32) for x in p_flat]
   float_idx = [i for i, x in enumerate(p_flat) if _is_float(x)]
   if direct_keys:

@@ -80,6 +80,7 @@ class Info:
   origin: frozenset    # parameter leaf indices a P value depends on
   iso: bool            # P value is an isometric view of distinct parameter leaves
   bsrc: Any = None     # P value broadcast over the batch: (source var, its Info, dims)
+  perm: Any = None     # P value = transpose(one leaf, perm): its dim i is leaf dim perm[i]
 
 
 _CONST = Info(C, False, None, frozenset(), True)
@@ -312,12 +313,19 @@ class _Analysis:
         sc.actions.append(("bind",))
         origin = frozenset().union(*[x.origin for x in ins if x.kind == P])
         pins = [x for x in ins if x.kind == P]
-        iso = (name in ISOMETRIC and all(x.iso for x in pins)
+        expand = name == "broadcast_in_dim" and int(np.prod(_shape(eqn.outvars[0]))) == (
+            int(np.prod(_shape(eqn.invars[0])))) if name == "broadcast_in_dim" else False
+        iso = ((name in ISOMETRIC or expand) and all(x.iso for x in pins)
                and sum(len(x.origin) for x in pins) == len(origin)
                and (name != "concatenate" or all(k == P for k in kinds)))
         if name == "convert_element_type" and not _is_float_aval(eqn.outvars[0].aval):
           iso = False
         infos = [Info(P, False, s, origin, iso) for s in out_specs]
+        if len(pins) == 1 and ins[0].kind == P and ins[0].perm is not None:
+          if name in ("convert_element_type", "copy", "copy_p", "optimization_barrier"):
+            infos[0].perm = ins[0].perm
+          elif name == "transpose":
+            infos[0].perm = tuple(ins[0].perm[d] for d in eqn.params["permutation"])
         if (name == "broadcast_in_dim" and isinstance(out_specs[0], Spec)
             and ins[0].kind == P and ins[0].spec is None):
           infos[0].bsrc = (eqn.invars[0], ins[0],
@@ -534,7 +542,8 @@ def analyse(fn, params, batch, b, rules) -> Plan:
   in_info = []
   for i, x in enumerate(p_flat):
     if _is_float_aval(jax.core.ShapedArray(np.shape(x), sds(x).dtype)):
-      in_info.append(Info(P, False, None, frozenset([i]), True))
+      in_info.append(Info(P, False, None, frozenset([i]), True,
+                          perm=tuple(range(np.ndim(x)))))
     else:
       in_info.append(_CONST)
   for v, v1 in zip(closed.jaxpr.invars[len(p_flat):], closed1.jaxpr.invars[len(p_flat):]):
