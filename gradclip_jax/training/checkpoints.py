@@ -20,7 +20,7 @@ from gradclip_jax.training.errors import UsageError
 from gradclip_jax.training.metrics import is_primary, jsonable
 
 __all__ = ["Checkpointer", "RUN_FILES", "run_files", "prepare_workdir",
-           "check_resume_config"]
+           "check_resume_config", "check_saved_config"]
 
 #: What a run writes in its workdir (an ensemble adds ``member-K/`` folders of the same).
 #: ``data_cache/`` (tokenized data, no run state) is not part of a run.
@@ -89,6 +89,25 @@ def check_resume_config(saved: Mapping | None, now: Mapping) -> None:
                       for k in changed)
     raise UsageError(f"--resume: the run in this workdir has another config ({diffs}); "
                      "resume with the same flags, or start afresh with --overwrite")
+
+
+def check_saved_config(workdir: os.PathLike | str, now: Mapping,
+                       ignore: tuple[str, ...] = ("dp_settings",)) -> None:
+  """:func:`check_resume_config` against the latest checkpoint in ``workdir``, if any,
+  leaving out ``ignore`` (what is known only once the data is loaded). Creates nothing,
+  so a run can refuse a resume before it reads its data."""
+  if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+    return
+  ckpt = Checkpointer(workdir)
+  try:
+    latest = ckpt.restore_meta()
+  finally:
+    ckpt.close()
+  if latest is not None:
+    saved = latest[1].get("config")
+    if saved is not None:
+      saved = {k: v for k, v in saved.items() if k not in ignore}
+    check_resume_config(saved, {k: v for k, v in now.items() if k not in ignore})
 
 
 class Checkpointer:

@@ -349,6 +349,7 @@ def train_and_evaluate(config: configs.TrainConfig,
   if config.hparams.ensemble != 1:
     return _train_ensemble(config, workdir)
   run, cfg = config.run, config.hparams
+  checkpoints.check_saved_config(workdir, config.describe())  # before reading the data
   if is_primary():
     workdir.mkdir(parents=True, exist_ok=True)
   t_load = time.perf_counter()

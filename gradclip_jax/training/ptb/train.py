@@ -347,6 +347,7 @@ def train_and_evaluate(config: configs.TrainConfig,
   workdir = pathlib.Path(workdir)
   run, hp = config.run, config.hparams
   max_epochs = config.max_epochs
+  checkpoints.check_saved_config(workdir, config.describe())  # before reading the data
   data = load_data(config)
   try:
     xs, ys = input_pipeline.batchify(data.train, hp.batch_size, hp.num_steps)
