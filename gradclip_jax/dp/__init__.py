@@ -32,8 +32,9 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
 
 * ``dot_general`` (Dense, einsum, attention projections, fused LSTM kernels): with
   ``T`` positions per example, data rows ``a_t`` and output-gradient rows ``g_t``,
-  the Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (K + N) <= K N``, else
-  the direct ``||sum_t a_t g_t^T||^2`` (Goodfellow 2015; Li et al. 2022);
+  the Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when it needs fewer FLOPs
+  (``T (K + N) <= K N``) or at most twice the FLOPs with ``8 T^2 <= K N``, else the
+  direct ``||sum_t a_t g_t^T||^2`` (Goodfellow 2015; Li et al. 2022);
 * ``gather`` of rows (embeddings, ``jnp.take``, indexing): segment sums of ``g`` over
   each example's sorted ids, never a dense ``V x d`` per-example matrix;
 * ``add`` / ``sub`` / ``mul`` with a broadcast parameter (biases, LayerNorm/RMSNorm
@@ -43,7 +44,8 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
   feature groups): the per-example kernel gradient from the conv's own VJP applied
   per example (``B x |kernel|`` floats);
 * ``scan`` with parameters among its constants (``nn.RNN``, ``nn.scan``, ``lax.scan``):
-  looked through; the body's uses get their probes as extra scanned inputs and record
+  looked through (as are ``pjit`` calls and ``checkpoint``, whose recomputation is
+  then not kept); the body's uses get their probes as extra scanned inputs and record
   their operands as extra scan outputs, so the steps become positions of one use;
 * the same parameter operand used several times with the same form (a shared layer):
   positions concatenated; parameters reached by uses of different forms (a tied

@@ -7,7 +7,9 @@ per dot-general batch index ``h``, with ``a`` the data rows (contracted features
 the ``T`` positions. Its squared norm is computed without forming ``dW'_b`` when that
 is cheaper (Goodfellow 2015; Li et al. 2022, "ghost norm"):
 
-* Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (K + N) <= K N``,
+* Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when ``T (K + N) <= K N`` (fewer
+  FLOPs), or when it costs at most twice the FLOPs and ``8 T^2 <= K N`` (far less
+  memory than ``K x N`` per example, e.g. a one-hot matmul over a large vocabulary),
 * else the direct ``||sum_t a_t g_t^T||^2``.
 
 The clipped sum is ``sum_b w_b sum_t a_bt g_bt^T`` (book-keeping, Bu et al. 2023).
@@ -20,6 +22,11 @@ import numpy as np
 
 from gradclip_jax.dp import _trace
 from gradclip_jax.dp._rules import _common as cm
+
+
+def _use_gram(t, k, n) -> bool:
+  """Gram form when it needs fewer FLOPs, or at most twice the FLOPs and 8x less memory."""
+  return t * (k + n) <= k * n or (8 * t * t <= k * n and t * (k + n) <= 2 * k * n)
 
 
 class DotGeneral(cm.Rule):
@@ -67,7 +74,8 @@ class DotGeneral(cm.Rule):
     steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
     xsize = cm.size_of(use.eqn.invars[d["xpos"]].aval)
     t = max(xsize // max(b * d["H"] * d["K"], 1), 1) * steps
-    return 4 * d["H"] * min(t * t, d["K"] * d["N"]) + 4 * d["H"] * t * (d["K"] + d["N"])
+    big = t * t if _use_gram(t, d["K"], d["N"]) else d["K"] * d["N"]
+    return 4 * d["H"] * big + 4 * d["H"] * t * (d["K"] + d["N"])
 
   def merge_key(self, use):
     d = use.data
@@ -104,7 +112,7 @@ class DotGeneral(cm.Rule):
     n = g.shape[-1]
     if t == 1:
       return jnp.sum(jnp.sum(cm.sq(a), (2, 3)) * jnp.sum(cm.sq(g), (2, 3)), axis=1)
-    if t * (k + n) <= k * n:
+    if _use_gram(t, k, n):
       aa = jnp.einsum("bhtk,bhsk->bhts", a, a, precision=cm.HI)
       gg = jnp.einsum("bhtn,bhsn->bhts", g, g, precision=cm.HI)
       return jnp.sum(aa * gg, axis=(1, 2, 3))
