@@ -48,10 +48,13 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
   then not kept); the body's uses get their probes as extra scanned inputs and record
   their operands as extra scan outputs, so the steps become positions of one use;
 * the same parameter operand used several times with the same form (a shared layer):
-  positions concatenated; parameters reached by uses of different forms (a tied
-  embedding, ``gather`` and ``dot_general``) or through non-isometric parameter
-  arithmetic: exact per-example gradients of those parameters only, from the uses'
-  per-example ``dW'`` mapped back by the VJP of the parameter-only program;
+  positions concatenated; a 2-D table read by ``gather`` and by ``dot_general`` (tied
+  input/output embeddings, ``h @ E.T``): ``|G_gather|^2 + |G_dot|^2`` plus the exact
+  cross term ``2 <G_gather, G_dot>`` on the looked-up rows; other parameters reached by
+  uses of different forms, or through non-isometric parameter arithmetic (e.g. a
+  weight penalty added to the loss): exact per-example gradients of those parameters
+  only, from the uses' per-example ``dW'`` mapped back by the VJP of the
+  parameter-only program;
 * anything else (``custom_vjp_call``, ``while``, a ``scan`` carrying parameters, an
   unknown primitive): the per-example gradient of that parameter through *that one
   operation* from its recorded operands and output gradient (the operation's own VJP,
