@@ -8,10 +8,14 @@
 # 2. sum the clipped gradients and add Gaussian noise of standard deviation `σ·C`,
 # 3. divide by the (expected) batch size `B` and hand the result to the optimizer.
 #
-# `gradclip_jax.clipped_grad` does step 1 without materialising per-example gradients for
-# the covered `flax.linen` layers ("ghost" norms), `add_noise` does step 2, and
-# `gradclip_jax.dp.accounting` turns `σ`, the sampling rate `q = B/N` and the number of
-# steps into `(ε, δ)`. The trainer wires them together: `gradclip classify --dp`.
+# `gradclip_jax.clipped_grad` does step 1 without materialising per-example gradients
+# ("ghost" norms) for any JAX model, whatever library built it: it traces the loss,
+# finds every operation that reads a parameter, and computes each example's norm from
+# that operation's inputs and output gradients, with one rule per primitive (matrix
+# products, embedding lookups, elementwise scales and biases, convolutions, also inside
+# scans). `add_noise` does step 2, and `gradclip_jax.dp.accounting` turns `σ`, the
+# sampling rate `q = B/N` and the number of steps into `(ε, δ)`. The trainer wires them
+# together: `gradclip classify --dp`. The [DP guide](../guides/dp.md) covers the API.
 #
 # This notebook
 #
@@ -44,8 +48,9 @@ import optax
 
 import gradclip_jax
 from gradclip_jax.dp import accounting
-from gradclip_jax.training import common
+from gradclip_jax.training import dp as dp_flags
 from gradclip_jax.training.classify import configs, input_pipeline, train
+from gradclip_jax.training.options import RunOptions
 
 QUICK = os.environ.get("GRADCLIP_QUICK") == "1"
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's per-order notices
@@ -75,8 +80,10 @@ print(cfg)
 # the review, and a dense layer (160k parameters). `clipped_grad` takes a loss that returns
 # **one loss per example** and gives the clipped sum; with `return_norms=True` it also
 # returns every example's gradient norm before clipping. Here it runs on 1024 reviews,
-# with the ghost method (embedding and dense rules); `max_norm=inf` gives the plain,
-# unclipped sum.
+# with the ghost method; `max_norm=inf` gives the plain, unclipped sum.
+# `gradclip_jax.dp.ghost_coverage` shows the rule each parameter gets: `gather` (segment
+# sums over each review's token ids) for the embedding, `dot_general` and `elementwise`
+# for the dense layer's kernel and bias; none needs the per-example fallback.
 
 # %%
 model = train.make_model(cfg, len(data.vocab))
@@ -113,6 +120,8 @@ TRAINED = f"after {len(warm)} Adam steps"
 
 C = cfg.max_grad_norm
 args = (batch["tokens"], batch["mask"], batch["labels"])
+for leaf, rule in gradclip_jax.dp.ghost_coverage(per_example_loss, params, *args).items():
+    print(f"{leaf:24s} {rule}")
 results = {}
 for name, p in (("at initialisation", params), (TRAINED, warm_params)):
     clipped_sum, norms = jax.jit(gradclip_jax.clipped_grad(
@@ -164,8 +173,9 @@ print(f"correlation of norm and loss: {np.corrcoef(norms, losses)[0, 1]:.2f}")
 #
 # ## 2. DP-SGD training at ε = 8 and ε = 3
 #
-# `train.train_and_evaluate` is the body of `gradclip classify`; `dp=common.DPFlags(...)`
-# is what `--dp --target-epsilon E --delta 1e-5` builds. The noise multiplier is derived
+# `train.train_and_evaluate` is the body of `gradclip classify`; the
+# `RunOptions(clip="dp", dp=DPFlags(...))` below is what `--dp --target-epsilon E
+# --delta 1e-5` builds. The noise multiplier is derived
 # from the target over the planned run (epochs × steps per epoch), and every epoch's line
 # of `metrics.jsonl` records the ε spent so far. Accounting assumes Poisson sampling with
 # rate `q = B/N`; the trainer draws fixed-size shuffled batches, the customary
@@ -174,14 +184,16 @@ print(f"correlation of norm and loss: {np.corrcoef(norms, losses)[0, 1]:.2f}")
 # %%
 runs = {}
 for name, dp in (("non-private", None),
-                 ("DP, ε = 8", common.DPFlags(target_epsilon=8.0, delta=1e-5)),
-                 ("DP, ε = 3", common.DPFlags(target_epsilon=3.0, delta=1e-5))):
+                 ("DP, ε = 8", dp_flags.DPFlags(target_epsilon=8.0, delta=1e-5)),
+                 ("DP, ε = 3", dp_flags.DPFlags(target_epsilon=3.0, delta=1e-5))):
     t0 = time.time()
+    run = RunOptions(data_dir=DATA, clip="dp" if dp else "none", progress=False,
+                     checkpoint_every=0, dp=dp)
+    config = configs.TrainConfig(run=run, dataset="imdb", hparams=cfg, name="imdb_dp",
+                                 cache_dir=CACHE)
     log = io.StringIO()  # the trainer's per-epoch lines; the records hold the same
     with contextlib.redirect_stdout(log):
-        res = train.train_and_evaluate(
-            cfg, dataset="imdb", data_dir=DATA, workdir=tempfile.mkdtemp(prefix="dp_run_"),
-            cache_dir=CACHE, clip="none", progress=False, checkpoint_every=0, dp=dp)
+        res = train.train_and_evaluate(config, workdir=tempfile.mkdtemp(prefix="dp_run_"))
     runs[name] = res
     if dp is not None:
         print(next(l for l in log.getvalue().splitlines() if l.startswith("DP-SGD")))
