@@ -193,7 +193,8 @@ def _tied_pair(gs):
     return None
   ug, ud = ga.uses[0], dg.uses[0]
   gi, di = ug.in_info[0], ud.in_info[ud.data["wpos"]]
-  if gi.perm != (0, 1) or di.perm is None or len(di.perm) != 2 or ud.data["H"] != 1:
+  if (gi.perm != (0, 1) or di.perm is None or len(di.perm) != 2 or ud.data["H"] != 1
+      or gi.wstack or di.wstack):
     return None
   wpos = ud.data["wpos"]
   row = di.perm.index(0)  # W' dim holding the table's rows

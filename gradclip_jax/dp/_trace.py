@@ -81,6 +81,7 @@ class Info:
   iso: bool            # P value is an isometric view of distinct parameter leaves
   bsrc: Any = None     # P value broadcast over the batch: (source var, its Info, dims)
   perm: Any = None     # P value = transpose(one leaf, perm): its dim i is leaf dim perm[i]
+  wstack: tuple = ()   # scan levels over which a P value varies (parameters scanned as xs)
 
 
 _CONST = Info(C, False, None, frozenset(), True)
@@ -121,6 +122,7 @@ class Scope:
   uses: list = dataclasses.field(default_factory=list)     # all uses, nested included
   probe_at: dict = dataclasses.field(default_factory=dict)  # eqn index -> [(k, key)]
   probe_avals: dict = dataclasses.field(default_factory=dict)  # key -> (aval, stack)
+  depth: int = 0       # number of enclosing scans (a scan body: its own level + 1)
 
 
 @dataclasses.dataclass
@@ -254,7 +256,7 @@ class _Analysis:
 
   # -- the full analysis of one level
   def scope(self, jaxpr, consts, jaxpr1, in_info, live_out, stack) -> Scope:
-    sc = Scope(jaxpr, consts)
+    sc = Scope(jaxpr, consts, depth=len(stack) - 1)
     if len(jaxpr.eqns) != len(jaxpr1.eqns) or len(jaxpr.invars) != len(jaxpr1.invars):
       raise Unsupported("loss_fn traces to different programs at batch sizes B and "
                         "B + 1 (Python control flow on the batch size?)")
@@ -320,7 +322,8 @@ class _Analysis:
                and (name != "concatenate" or all(k == P for k in kinds)))
         if name == "convert_element_type" and not _is_float_aval(eqn.outvars[0].aval):
           iso = False
-        infos = [Info(P, False, s, origin, iso) for s in out_specs]
+        wst = tuple(sorted(set().union(*[set(x.wstack) for x in pins])))
+        infos = [Info(P, False, s, origin, iso, wstack=wst) for s in out_specs]
         if len(pins) == 1 and ins[0].kind == P and ins[0].perm is not None:
           if name in ("convert_element_type", "copy", "copy_p", "optimization_barrier"):
             infos[0].perm = ins[0].perm
@@ -338,7 +341,10 @@ class _Analysis:
         sc.actions.append(("inline", child))
         sc.uses.extend(child.uses)
         infos = child.out_info
-      elif name == "scan" and all(k != P for k in kinds[eqn.params["num_consts"]:]):
+      elif name == "scan" and all(
+          k != P for k in kinds[eqn.params["num_consts"]:
+                                eqn.params["num_consts"] + eqn.params["num_carry"]]) and all(
+              x.spec is None for x in ins[eqn.params["num_consts"]:] if x.kind == P):
         infos = self._scan(sc, eqn, eqn1, ins, live, stack)
       else:
         infos = self._use(sc, eqn, eqn1, ins, out_specs, stack)
@@ -439,10 +445,15 @@ class _Analysis:
     batch = self._scan_batch(eqn, [x.batch for x in ins])
     carry_b = batch[:ncar]
     b_in = []
+    step_xs = []
     for j, (v, v1) in enumerate(zip(body.invars, body1.invars)):
       if j < nc:
+        b_in.append(dataclasses.replace(ins[j], bsrc=None))
+      elif j >= nc + ncar and ins[j].kind == P:  # parameters scanned over (per step)
         x = ins[j]
-        b_in.append(Info(x.kind, x.batch, x.spec, x.origin, x.iso))
+        step_xs.append(j)
+        b_in.append(Info(P, False, None, x.origin, x.iso,
+                         wstack=tuple(x.wstack) + (len(stack),)))
       else:
         outer = ins[j]
         hint = outer.spec
@@ -457,7 +468,7 @@ class _Analysis:
                          frozenset(), False))
     live_body = [True] * ncar + [v in live for v in eqn.outvars[ncar:]]
     child = self.scope(body, bconsts, body1, b_in, live_body, stack + (prm["length"],))
-    sc.actions.append(("scan", child))
+    sc.actions.append(("scan", child, tuple(step_xs)))
     sc.uses.extend(child.uses)
     out = []
     for j, (v, v1) in enumerate(zip(eqn.outvars, eqn1.outvars)):
@@ -599,8 +610,7 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
       outs = _eval(act[1], ins, probes, records, views)
     elif kind == "scan":
       if views:
-        nc = eqn.params["num_consts"]
-        _eval(act[1], ins[:nc] + [None] * (len(ins) - nc), probes, records, True)
+        _views_scan(eqn, act[1], act[2], ins, records)
         continue
       outs = _eval_scan(eqn, act[1], ins, probes, records)
     else:  # a use
@@ -620,6 +630,32 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
       if not isinstance(v, jcore.DropVar) and x is not None:
         env[v] = x
   return [rd(v) for v in sc.jaxpr.outvars]
+
+
+def _views_scan(eqn, child, step_xs, ins, records):
+  """W' of the uses inside a scan body; stacked over the steps where they vary."""
+  nc = eqn.params["num_consts"]
+  base = ins[:nc] + [None] * (len(ins) - nc)
+  if not step_xs:
+    _eval(child, base, {}, records, True)
+    return
+  level = None
+
+  def one(xs_vals):
+    vals = list(base)
+    for j, x in zip(step_xs, xs_vals):
+      vals[j] = x
+    recs = {}
+    _eval(child, vals, {}, recs, True)
+    return recs
+
+  stacked = jax.vmap(one)([ins[j] for j in step_xs])
+  del level
+  depth = child.depth
+  varying = {(u.uid, j) for u in child.uses for j in u.p_pos
+             if depth in u.in_info[j].wstack}
+  for k, x in stacked.items():
+    records[k] = x if k in varying else x[0]
 
 
 def _eval_scan(eqn, child, ins, probes, records):

@@ -85,26 +85,29 @@ class DotGeneral(cm.Rule):
   def canon(self, use, recs, gs, b, views=None):
     d = use.data
     ns = len(use.stack)
+    wst = use.in_info[d["wpos"]].wstack  # scan levels with a weight per step
+    ws_dims = [[i] for i in wst]
+    stack = [[i] for i in range(ns) if i not in wst]
+    hs = int(np.prod([use.stack[i] for i in wst], dtype=np.int64))
     x = recs[d["xpos"]]
     x2, dm, exd = cm.split(x, use.in_info[d["xpos"]].spec, ns, b)
-    stack = [[i] for i in range(ns)]
-    perm = ([exd] + cm.flat([dm[ns + i] for i in d["xb"]])
+    perm = ([exd] + cm.flat(ws_dims) + cm.flat([dm[ns + i] for i in d["xb"]])
             + cm.flat(stack + [dm[ns + i] for i in d["xfree"]])
             + cm.flat([dm[ns + i] for i in d["xc"]]))
-    a = jnp.transpose(x2, perm).reshape(b, d["H"], -1, d["K"])
+    a = jnp.transpose(x2, perm).reshape(b, hs * d["H"], -1, d["K"])
     g2, gm, gex = cm.split(gs[0], use.out_info[0].spec, ns, b)
-    perm = ([gex] + cm.flat([gm[ns + i] for i in range(d["nb"])])
+    perm = ([gex] + cm.flat(ws_dims) + cm.flat([gm[ns + i] for i in range(d["nb"])])
             + cm.flat(stack + [gm[ns + i] for i in d["x_out"]])
             + cm.flat([gm[ns + i] for i in d["w_out"]]))
-    g = jnp.transpose(g2, perm).reshape(b, d["H"], -1, d["N"])
-    return {"a": a, "g": g, "data": d}
+    g = jnp.transpose(g2, perm).reshape(b, hs * d["H"], -1, d["N"])
+    return {"a": a, "g": g, "data": d, "ws": tuple(use.stack[i] for i in wst)}
 
   def concat(self, canons):
     if len(canons) == 1:
       return canons[0]
     return {"a": jnp.concatenate([c["a"] for c in canons], axis=2),
             "g": jnp.concatenate([c["g"] for c in canons], axis=2),
-            "data": canons[0]["data"]}
+            "data": canons[0]["data"], "ws": canons[0]["ws"]}
 
   def sq(self, c):
     a, g = cm.f32(c["a"]), cm.f32(c["g"])
@@ -124,13 +127,16 @@ class DotGeneral(cm.Rule):
     off = len(lead)
     return jnp.transpose(x, list(range(off)) + [off + p for p in d["wperm"]])
 
+  def _lead(self, c, b=None):
+    return ((b,) if b is not None else ()) + tuple(c["ws"])
+
   def weighted(self, c, w, fin, wshapes):
     d = c["data"]
     s = jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
                    cm.mask_rows(c["g"], fin, w), precision=cm.HI)
-    return {d["wpos"]: self._layout(s, d, ())}
+    return {d["wpos"]: self._layout(s, d, self._lead(c))}
 
   def per_example(self, c, wshapes):
     d = c["data"]
     pe = jnp.einsum("bhtk,bhtn->bhkn", cm.f32(c["a"]), cm.f32(c["g"]), precision=cm.HI)
-    return {d["wpos"]: self._layout(pe, d, (pe.shape[0],))}
+    return {d["wpos"]: self._layout(pe, d, self._lead(c, pe.shape[0]))}

@@ -69,14 +69,17 @@ class Elementwise(cm.Rule):
       dp = g * d["sign"] if d["sign"] != 1.0 else g
     dp2, dm, exd = cm.split(dp, use.out_info[0].spec, ns, b)
     ex = ns + use.out_info[0].spec.axis
-    keep, drop = [], cm.flat([[i] for i in range(ns)]) + [dm[ex][0], dm[ex][1]]
+    wst = use.in_info[d["wpos"]].wstack  # scan levels with a weight per step
+    keep = list(wst)
+    drop = [i for i in range(ns) if i not in wst] + [dm[ex][0], dm[ex][1]]
     for i, w in enumerate(d["wfull"]):
       if ns + i == ex:
         continue
       (keep if w > 1 else drop).extend(dm[ns + i])
     x = jnp.transpose(dp2, [exd] + keep + drop)
     kept = int(np.prod([dp2.shape[i] for i in keep], dtype=np.int64))
-    pe = jnp.sum(x.reshape(b, kept, -1), axis=2).reshape((b,) + tuple(d["wshape"]))
+    lead = (b,) + tuple(use.stack[i] for i in wst)
+    pe = jnp.sum(x.reshape(b, kept, -1), axis=2).reshape(lead + tuple(d["wshape"]))
     return {"pe": pe, "wpos": d["wpos"]}
 
   def concat(self, canons):

@@ -147,6 +147,10 @@ class Fallback(cm.Rule):
 
   def match(self, use):
     for j in use.p_pos:
+      if use.in_info[j].wstack:
+        raise _trace.Unsupported(
+            f"{use.prim!r} {use.where} reads a parameter scanned over (one per step) "
+            "and has no exact rule")
       if use.in_info[j].spec is not None and j not in use.pre:
         raise _trace.Unsupported(
             f"the parameter operand of {use.prim!r} {use.where} has an example axis "
@@ -189,7 +193,7 @@ class Conv(Fallback):
   family = "conv_general_dilated"
 
   def match(self, use):
-    if use.p_pos != (1,) or len(use.eqn.invars) != 2:
+    if use.p_pos != (1,) or len(use.eqn.invars) != 2 or use.in_info[1].wstack:
       return None
     prm = use.eqn.params
     sp = use.in_info[0].spec

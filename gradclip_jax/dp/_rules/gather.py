@@ -22,7 +22,8 @@ class Gather(cm.Rule):
   family = "gather"
 
   def match(self, use):
-    if use.p_pos != (0,) or len(use.eqn.invars) != 2 or use.pre:
+    if (use.p_pos != (0,) or len(use.eqn.invars) != 2 or use.pre
+        or use.in_info[0].wstack):
       return None
     prm = use.eqn.params
     dn = prm["dimension_numbers"]
