@@ -46,7 +46,10 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
 * ``scan`` with parameters among its constants (``nn.RNN``, ``nn.scan``, ``lax.scan``):
   looked through (as are ``pjit`` calls and ``checkpoint``, whose recomputation is
   then not kept); the body's uses get their probes as extra scanned inputs and record
-  their operands as extra scan outputs, so the steps become positions of one use;
+  their operands as extra scan outputs, so the steps become positions of one use.
+  Parameters scanned over as inputs (``nn.scan`` over layers with ``variable_axes=
+  {"params": 0}``, ``lax.scan`` over stacked weights) are one weight per step: for
+  ``dot_general`` and elementwise uses the step axis is then a weight axis;
 * the same parameter operand used several times with the same form (a shared layer):
   positions concatenated; a 2-D table read by ``gather`` and by ``dot_general`` (tied
   input/output embeddings, ``h @ E.T``): ``|G_gather|^2 + |G_dot|^2`` plus the exact
@@ -55,8 +58,8 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
   weight penalty added to the loss): exact per-example gradients of those parameters
   only, from the uses' per-example ``dW'`` mapped back by the VJP of the
   parameter-only program;
-* anything else (``custom_vjp_call``, ``while``, a ``scan`` carrying parameters, an
-  unknown primitive): the per-example gradient of that parameter through *that one
+* anything else (``custom_vjp_call``, ``while``, ``cond``, a ``scan`` carrying
+  parameters in its carry, an unknown primitive): the per-example gradient of that parameter through *that one
   operation* from its recorded operands and output gradient (the operation's own VJP,
   vmapped over examples; ``B`` masked VJPs for operations whose inner program was
   traced at ``B``), never a per-example re-run of the whole model. ``ghost_coverage``
