@@ -51,18 +51,18 @@ def run(clip, seed=0):
     trace = {"cost": [], "grad_norm": [], "clipped": []}
     ppl = {"train": [], "valid": []}
     for epoch in range(epochs):
-        state["carry"] = model.initial_carry(config.batch_size)
+        state = state.replace(carry=model.initial_carry(config.batch_size))
         t0, start_cost = time.time(), None
         for x, y in input_pipeline.iterate(train_ids, config.batch_size, config.num_steps):
-            before = {k: float(v) for k, v in state["acc"].items()}
+            before = {k: float(v) for k, v in state.acc.items()}
             state = step(state, x, y)
-            acc = {k: float(v) for k, v in state["acc"].items()}
+            acc = {k: float(v) for k, v in state.acc.items()}
             trace["cost"].append((acc["cost"] - before["cost"]) / config.num_steps)
             trace["grad_norm"].append(acc["grad_norm_sum"] - before["grad_norm_sum"])
             trace["clipped"].append(acc["clipped"] - before["clipped"])
         n = steps_per_epoch
         ppl["train"].append(float(np.exp(np.mean(trace["cost"][-n:]))))
-        ppl["valid"].append(train.evaluate(model, eval_step, state["params"], valid_ids,
+        ppl["valid"].append(train.evaluate(model, eval_step, state.params, valid_ids,
                                            config.batch_size, config.num_steps))
         print(f"  epoch {epoch + 1}: train ppl {ppl['train'][-1]:7.1f}  valid ppl "
               f"{ppl['valid'][-1]:7.1f}  clipped {np.mean(trace['clipped'][-n:]):.0%} of steps "
