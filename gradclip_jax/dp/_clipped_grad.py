@@ -466,7 +466,9 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
   accumulated in float32), then ``norms`` (``[B]`` float32 per-example norms before
   clipping; NaN/inf for a non-finite example, which contributes zero) if
   ``return_norms``, then ``aux`` if ``has_aux`` (stacked along a new leading axis,
-  one per microbatch, when ``microbatch_size`` splits the batch). A single value is
+  one per microbatch, when ``microbatch_size`` splits the batch; when the ghost
+  method's memory policy splits it, per-example aux leaves ``[m, ...]`` come back as
+  ``[B, ...]`` and only the others are stacked). A single value is
   returned bare, several as a tuple: ``grads``, ``(grads, norms)``, ``(grads, aux)``
   or ``(grads, norms, aux)``.
 
@@ -567,6 +569,11 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
 
       summed, (norms, aux) = lax.scan(body, zero, mbs)
       norms = norms.reshape(b)
+      if microbatch_size is None and aux is not None:
+        # Microbatches chosen by the memory policy: per-example aux leaves come back
+        # as [B, ...] as without microbatching; other leaves stay stacked [n, ...].
+        aux = jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:])
+                           if x.ndim >= 2 and x.shape[1] == m else x, aux)
     if normalize_by is not None:
       summed = jax.tree.map(lambda g: g / jnp.asarray(normalize_by, jnp.float32), summed)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype) if _is_float(p) else g,
