@@ -559,7 +559,7 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
     dtype = _state_dtype(params)
     return AdaGCState(
         gamma=jax.tree.map(lambda p: jnp.full(
-            (), jnp.inf, _norms.real_acc_dtype(_norms._dtype_of(p))), params),  # pylint: disable=protected-access
+            (), jnp.inf, _norms.real_acc_dtype(_norms.dtype_of(p))), params),
         count=_zero_count(), global_norm=_norms.zero_of(dtype),
         max_norm=jnp.full((), jnp.inf, dtype), num_clipped=_zero_count())
 

@@ -40,10 +40,10 @@ class ClipByValueState(NamedTuple):
 
 def _check_value_bounds(min_value, max_value) -> None:
   for name, v in (("min_value", min_value), ("max_value", max_value)):
-    for path, leaf in _norms._leaf_paths(v):  # pylint: disable=protected-access
+    for path, leaf in _norms.leaf_paths(v):
       label = name if path == "<root>" else f"{name}{path}"
       if _norms.is_concrete(leaf):
-        arr = _norms._as_real_array(label, leaf)  # pylint: disable=protected-access
+        arr = _norms.as_real_array(label, leaf)
         if np.isnan(arr).any():
           raise ValueError(f"{label} is NaN")
   lo, hi = jax.tree.leaves(min_value), jax.tree.leaves(max_value)
@@ -129,7 +129,7 @@ class ClipByNormState(NamedTuple):
   num_clipped: jax.Array  # int32: steps in which some leaf (or unit) was clipped.
 
 
-def _per_leaf_clip(updates, max_norm, axes, average: bool):
+def per_leaf_clip(updates, max_norm, axes, average: bool):
   """Shared body of the per-leaf rules: (clipped tree, global norm, any clipped).
 
   ``t <- t * clip_scale(||t||, c)`` per leaf (per unit along ``axes``), with
@@ -171,7 +171,7 @@ def _per_leaf_transform(max_norm, axes, average):
 
   def update_fn(updates, state, params=None):
     del params
-    clipped, norm, hit = _per_leaf_clip(updates, max_norm, axes, average)
+    clipped, norm, hit = per_leaf_clip(updates, max_norm, axes, average)
     return clipped, ClipByNormState(
         global_norm=norm.astype(state.global_norm.dtype),
         num_clipped=state.num_clipped + hit.astype(jnp.int32))

@@ -77,11 +77,11 @@ def norm_dtype(leaves: Sequence[Any]) -> np.dtype:
   """The dtype of a norm of ``leaves`` taken together: float32 at least."""
   out = jnp.dtype(jnp.float32)
   for x in leaves:
-    out = jnp.promote_types(out, real_acc_dtype(_dtype_of(x)))
+    out = jnp.promote_types(out, real_acc_dtype(dtype_of(x)))
   return out
 
 
-def _dtype_of(x: Any) -> np.dtype:
+def dtype_of(x: Any) -> np.dtype:
   dtype = getattr(x, "dtype", None)
   return jnp.dtype(dtype) if dtype is not None else np.asarray(x).dtype
 
@@ -99,7 +99,7 @@ def zero_of(dtype: Any) -> Array:
 # --------------------------------------------------------------------------- checks
 
 
-def _leaf_paths(tree: Any):
+def leaf_paths(tree: Any):
   """(path string, leaf) for every non-None leaf of ``tree``."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return [(jax.tree_util.keystr(path) or "<root>", leaf) for path, leaf in flat]
@@ -115,8 +115,8 @@ def check_gradient_tree(tree: Any, what: str = "gradient") -> None:
   Integer and boolean arrays have no meaningful norm-preserving rescaling (and
   ``jax.grad`` never produces them: it gives ``float0``), so they are refused.
   """
-  for path, leaf in _leaf_paths(tree):
-    dtype = _dtype_of(leaf)
+  for path, leaf in leaf_paths(tree):
+    dtype = dtype_of(leaf)
     if not (jnp.issubdtype(dtype, jnp.floating)
             or jnp.issubdtype(dtype, jnp.complexfloating)):
       raise TypeError(
@@ -131,7 +131,7 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _as_real_array(name: str, value: Any) -> np.ndarray:
+def as_real_array(name: str, value: Any) -> np.ndarray:
   """``value`` as a NumPy array of a real (or bool) dtype, else ``TypeError``."""
   try:
     arr = np.asarray(value)
@@ -159,11 +159,11 @@ def check_threshold(name: str, value: Any, *, allow_inf: bool = True,
   if scalar and not is_scalar_threshold(value):
     raise TypeError(f"{name} must be one number (a scalar), got "
                     f"{type(value).__name__} of shape {np.shape(value)}")
-  for path, leaf in _leaf_paths(value):
+  for path, leaf in leaf_paths(value):
     label = _label(name, path)
     if not is_concrete(leaf):
       continue
-    arr = _as_real_array(label, leaf)
+    arr = as_real_array(label, leaf)
     if np.any(np.isnan(arr)):
       raise ValueError(f"{label} is NaN; a clipping threshold must be a number >= 0")
     if np.any(arr < 0):
@@ -180,7 +180,7 @@ def _concrete_scalar(name: str, value: Any) -> Optional[np.ndarray]:
                     f"{np.shape(value)}")
   if not is_concrete(value):
     return None
-  return _as_real_array(name, value)
+  return as_real_array(name, value)
 
 
 def check_range(name: str, value: Any, lo: float, hi: float, *,
@@ -295,7 +295,7 @@ def broadcast_thresholds(name: str, value: Any, tree: Any,
               else jnp.asarray(v) for v in structure.flatten_up_to(out)]
   out = jax.tree.unflatten(structure, per_leaf)
   if target is not None:
-    for (path, leaf), v in zip(_leaf_paths(tree), per_leaf):
+    for (path, leaf), v in zip(leaf_paths(tree), per_leaf):
       if np.ndim(v) == 0:
         continue  # a scalar fits every leaf
       want = tuple(target(leaf))
@@ -353,6 +353,7 @@ def _sq_acc(x: Array) -> Array:
 # The names the DP module imports (they now follow the accumulation dtype).
 _abs_f32 = _abs_acc
 _sq_f32 = _sq_acc
+_leaf_paths = leaf_paths
 
 
 def _power_acc(x: Array, p: float) -> Array:

@@ -130,7 +130,7 @@ def clip_by_norm(tree: Any, max_norm: Any, axes: Any = None) -> Any:
     [[0.6000000238418579, 0.800000011920929], [0.30000001192092896, 0.4000000059604645]]
   """
   _norms.check_threshold("max_norm", max_norm)
-  return _clipping._per_leaf_clip(tree, max_norm, axes, average=False)[0]  # pylint: disable=protected-access
+  return _clipping.per_leaf_clip(tree, max_norm, axes, average=False)[0]
 
 
 def clip_by_average_norm(tree: Any, max_norm: Any) -> Any:
@@ -157,7 +157,7 @@ def clip_by_average_norm(tree: Any, max_norm: Any) -> Any:
     [1.2000000476837158, 1.600000023841858]
   """
   _norms.check_threshold("max_norm", max_norm)
-  return _clipping._per_leaf_clip(tree, max_norm, None, average=True)[0]  # pylint: disable=protected-access
+  return _clipping.per_leaf_clip(tree, max_norm, None, average=True)[0]
 
 
 def clip_by_global_norm(tree: Any, max_norm: Any, use_norm: Optional[Any] = None,
