@@ -569,8 +569,22 @@ def test_accounting_roundtrip():
   assert accounting.epsilon_spent(s * 1.5, q, steps, delta) < eps
   assert accounting.epsilon_spent(s, q, 0, delta) == 0.0
   assert accounting.epsilon_spent(0.0, q, 1, delta) == math.inf
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="sample_rate"):
     accounting.epsilon_spent(1.0, 0.0, 10, delta)
+  assert accounting.epsilon_spent(math.inf, q, steps, delta) == 0.0
+  assert accounting.noise_multiplier_for_epsilon(math.inf, delta, q, steps) == 0.0
+  assert accounting.epsilon_spent(np.float32(s), jnp.asarray(q), np.int64(steps),
+                                  delta) == pytest.approx(eps, rel=1e-6)
+  for bad, match in [((math.nan, q, steps, delta), "NaN"), ((1.0, q, 2.5, delta), "steps"),
+                     ((1.0, q, -1, delta), "steps"), ((-1.0, q, steps, delta), ">= 0"),
+                     ((1.0, q, steps, 1.0), "delta"), ((1.0, 1.5, steps, delta), "sample")]:
+    with pytest.raises(ValueError, match=match):
+      accounting.epsilon_spent(*bad)
+  for bad in [("1.0", q, steps, delta), (1.0, q, steps, None), (True, q, steps, delta)]:
+    with pytest.raises(TypeError):
+      accounting.epsilon_spent(*bad)
+  with pytest.raises(ValueError, match="target_eps"):
+    accounting.noise_multiplier_for_epsilon(0.0, delta, q, steps)
 
 
 def test_train_step_snippet():
