@@ -332,3 +332,34 @@ def test_unit_scales_are_read_not_recomputed_in_the_adam_kernels():
   self_compare = re.compile(r"compare\((%[\w.\-]+), \1\), direction=NE")
   for comp in big:
     assert not self_compare.search(comp), comp
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-21, 1e25])
+def test_float32_sums_that_under_or_overflow_are_rescued(scale):
+  """Squares of 1e-30 vanish in float32 (and 1e25's overflow): the norms, global
+  and per unit, still match NumPy's float64 ones."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(40, 3)) * scale).astype(np.float32)
+  ref = np.linalg.norm(x.astype(np.float64))
+  np.testing.assert_allclose(float(F.global_norm([jnp.asarray(x)])), ref, rtol=1e-6)
+  got = F.clip_by_norm(jnp.asarray(x), 0.5 * scale, axes=0)
+  rows = np.linalg.norm(x.astype(np.float64), axis=0, keepdims=True)
+  want = x.astype(np.float64) * np.minimum(1.0, 0.5 * scale / rows)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
+
+
+def test_float64_keeps_float64_at_1e_minus_200_and_1e200():
+  rng = np.random.default_rng(4)
+  with jax.enable_x64(True):
+    for scale in (1e-200, 1e200):
+      x = rng.normal(size=(30, 4)) * scale
+      m = np.abs(x).max()
+      ref = m * np.linalg.norm(x / m)  # NumPy's own norm under/overflows here
+      n = F.global_norm({"w": jnp.asarray(x)})
+      assert n.dtype == jnp.float64
+      np.testing.assert_allclose(float(n), ref, rtol=1e-14)
+      out = F.clip_by_norm(jnp.asarray(x), 0.1 * scale, axes=1)
+      cols = m * np.linalg.norm(x / m, axis=1, keepdims=True)
+      assert out.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(out), x * np.minimum(1.0, 0.1 * scale / cols),
+                                 rtol=1e-13)
