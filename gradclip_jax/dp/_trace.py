@@ -166,10 +166,7 @@ def _inner(params):
 
 
 def where_of(eqn) -> str:
-  try:
-    loc = source_info_util.summarize(eqn.source_info)
-  except Exception:  # pylint: disable=broad-except  # only for a message
-    loc = ""
+  loc = source_info_util.summarize(eqn.source_info)
   stack = str(getattr(eqn.source_info, "name_stack", "") or "")
   parts = [p for p in (f"in {stack}" if stack else "", f"at {loc}" if loc else "") if p]
   return " ".join(parts)
@@ -186,7 +183,7 @@ def _same_params(p0, p1) -> bool:
           return False
       elif a != b:
         return False
-    except Exception:  # pylint: disable=broad-except  # incomparable: assume B-dependent
+    except (TypeError, ValueError):  # incomparable: treat as depending on B
       return False
   return True
 
@@ -639,8 +636,6 @@ def _views_scan(eqn, child, step_xs, ins, records):
   if not step_xs:
     _eval(child, base, {}, records, True)
     return
-  level = None
-
   def one(xs_vals):
     vals = list(base)
     for j, x in zip(step_xs, xs_vals):
@@ -650,7 +645,6 @@ def _views_scan(eqn, child, step_xs, ins, records):
     return recs
 
   stacked = jax.vmap(one)([ins[j] for j in step_xs])
-  del level
   depth = child.depth
   varying = {(u.uid, j) for u in child.uses for j in u.p_pos
              if depth in u.in_info[j].wstack}
