@@ -7,8 +7,8 @@ ghost norms on the traced program of any JAX model (flax.linen, flax.nnx, Equino
 Haiku, plain functions); :func:`ghost_coverage` says which rule each parameter gets;
 ``gradclip_jax.dp.accounting`` wraps the ``dp-accounting`` package (imported lazily).
 
-Loss convention
----------------
+.. rubric:: Loss convention
+
 ``loss_fn(params, *batch)`` returns a vector of ``B`` *per-example* losses (no mean
 or sum over the batch); every leaf of every batch argument has the batch axis first.
 The result is ``sum_b min(1, C / n_b) grad(loss_b)``, ``n_b`` the L2 norm of example
@@ -16,8 +16,8 @@ The result is ``sum_b min(1, C / n_b) grad(loss_b)``, ``n_b`` the L2 norm of exa
 when given: to train on the mean loss pass ``normalize_by=B`` rather than averaging
 inside ``loss_fn``. A loss averaged over the tokens of one example is fine.
 
-Ghost norms on the traced program
----------------------------------
+.. rubric:: Ghost norms on the traced program
+
 ``loss_fn`` is traced abstractly (``jax.make_jaxpr``) at the batch size ``B`` and at
 ``B + 1``; the two programs are walked side by side, and the axis of each
 intermediate whose size moved is its *example axis* (an axis that grew by ``k > 1``
