@@ -205,3 +205,32 @@ def test_stale_stubs_are_removed(tmp_path):
   apigen.write_pages(tmp_path)
   assert not (stubs / "gradclip_jax.no_longer_public.rst").exists()
   assert (stubs / "gradclip_jax.clip_by_norm.rst").read_text() == "kept\n"
+
+
+def _results_mentioned(text: str) -> list[str]:
+  """``results/...`` paths in a text, ``{md,json}`` alternatives expanded."""
+  found = []
+  for m in re.finditer(r"results/([\w.\-]+?)(?:\.\{([\w,]+)\}|\.(\w+))(?=[`)\s,;]|$)", text):
+    stem, alts, ext = m.groups()
+    found += [f"results/{stem}.{e}" for e in (alts.split(",") if alts else [ext])]
+  return found
+
+
+def test_results_mentioned_exist_and_stay_few():
+  files = [p for p in (ROOT / "results").iterdir() if p.is_file()]
+  assert len(files) <= 15, f"results/ holds {len(files)} files: keep the latest run only"
+  sources = [ROOT / "README.md"] + [p for p in DOCS.rglob("*.md")
+                                    if "_build" not in p.parts and "jupyter_execute" not in p.parts]
+  mentioned = {(s.relative_to(ROOT).as_posix(), r) for s in sources
+               for r in _results_mentioned(s.read_text())}
+  assert mentioned, "the docs cite no result file"
+  for source, path in sorted(mentioned):
+    if "<" in path:  # a pattern such as results/dp_cost-<device>-<date>
+      continue
+    assert (ROOT / path).exists(), f"{source} cites {path}, which is not in results/"
+
+
+def test_results_paths_are_parsed():
+  text = "`results/a-cpu-2026-01-01.{md,json}` and `results/b.jsonl`."
+  assert _results_mentioned(text) == ["results/a-cpu-2026-01-01.md",
+                                      "results/a-cpu-2026-01-01.json", "results/b.jsonl"]
