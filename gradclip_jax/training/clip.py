@@ -15,8 +15,7 @@ import optax
 
 import gradclip_jax
 
-__all__ = ["RULES", "build_clip", "clipped_this_step", "grad_norm", "norm_before_update",
-           "update_with_norm"]
+__all__ = ["RULES", "build_clip", "clipped_this_step", "grad_norm", "update_with_norm"]
 
 #: Names accepted by ``--clip`` (and :func:`build_clip`).
 RULES = ("none", "global_norm", "value", "norm", "average_norm", "autoclip", "zclip",
@@ -99,27 +98,6 @@ def _recorded_norms(opt_state) -> list[jax.Array]:
           if is_clip_state(s)]
 
 
-def norm_before_update(grads, opt_state) -> tuple[Any, jax.Array | None]:
-  """``(grads, norm)`` for logging, taken before ``tx.update`` (use inside ``jit``).
-
-  When ``opt_state`` holds exactly one ``ClipByGlobalNormState``, the rule records the
-  norm itself: returns ``(grads, None)``, and :func:`grad_norm` reads it after the update.
-  Otherwise ``norm = gradclip_jax.functional.global_norm(grads)`` and the gradients come
-  back multiplied by ``where(norm < 0, 0, 1)``, which is exactly 1 (a norm is >= 0 or
-  NaN), so no value changes. That factor makes every parameter update depend on every
-  gradient, as a global-norm clip does: without it (``--clip none``, per-element rules)
-  XLA:CPU cannot prove that the backward pass has finished reading a donated weight
-  before the optimizer overwrites it, and copies the weights at every step (the 8 MB
-  softmax and both input kernels of the PTB small config). The multiply fuses into the
-  optimizer's update.
-  """
-  if len(_recorded_norms(opt_state)) == 1:
-    return grads, None
-  norm = gradclip_jax.functional.global_norm(grads)
-  one = jnp.where(norm < 0, 0.0, 1.0)
-  return jax.tree.map(lambda g: g * one.astype(g.dtype), grads), norm
-
-
 def grad_norm(grads, new_state=None) -> jax.Array:
   """The step's gradient norm: ``gradclip_jax.functional.global_norm(grads)``.
 
@@ -138,14 +116,11 @@ def grad_norm(grads, new_state=None) -> jax.Array:
 def update_with_norm(tx, grads, opt_state, params):
   """``tx.update`` plus the step's pre-clip gradient norm for logging (inside ``jit``).
 
-  Returns ``(updates, new_state, norm)``: the norm the rule recorded, else one computed
-  here, with the gradients tied to it (see :func:`norm_before_update`).
+  Returns ``(updates, new_state, norm)`` with ``norm = grad_norm(grads, new_state)``:
+  the norm a global-norm rule recorded, else one computed here.
   """
-  grads, norm = norm_before_update(grads, opt_state)
   updates, new_state = tx.update(grads, opt_state, params)
-  if norm is None:  # The rule recorded it.
-    norm = grad_norm(grads, new_state)
-  return updates, new_state, norm
+  return updates, new_state, grad_norm(grads, new_state)
 
 
 def clipped_this_step(old_state, new_state) -> jax.Array:
