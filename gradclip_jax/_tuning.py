@@ -30,6 +30,11 @@ def _on(name: str) -> bool:
   return config.backend_tuning(name)
 
 
+def _cpu_barrier(x: Any) -> Any:
+  """``x`` through a ``lax.optimization_barrier`` on CPU, unchanged elsewhere."""
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda v: v)
+
+
 # ------------------------------------------------------------------ overflow_cond
 
 
@@ -76,7 +81,7 @@ def scale_barrier(scales: list, leaves: list) -> tuple:
   """
   if not _on("scale_barrier") or not any(_low_precision(x) for x in leaves):
     return scales, leaves
-  return tuple(lax.optimization_barrier((scales, leaves)))
+  return tuple(_cpu_barrier((scales, leaves)))
 
 
 # --------------------------------------------------------------- unit_scales_once
@@ -162,7 +167,7 @@ def weights_apart(w_leaves: list) -> list:
   w_leaves = [jnp.asarray(w) for w in w_leaves]
   if not _on("agc_weights_apart"):
     return w_leaves
-  return list(lax.optimization_barrier(w_leaves))
+  return list(_cpu_barrier(w_leaves))
 
 
 def norm_apart(leaves: list) -> list:
@@ -177,7 +182,7 @@ def norm_apart(leaves: list) -> list:
   leaves = list(leaves)
   if not _on("skip_norm_apart"):
     return leaves
-  return list(lax.optimization_barrier(leaves))
+  return list(_cpu_barrier(leaves))
 
 
 # ------------------------------------------------------------ skip_ordered_select
