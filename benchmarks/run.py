@@ -273,8 +273,8 @@ def section_ptb(quick, data_dir=None, steps=None):
     return []
   configs = ["small"] if quick else ["small", "medium"]
   # Train as `gradclip ptb` does, with the host allocator tuned (process-wide, hence the
-  # last section; see gradclip_jax.training.common.tune_host_allocator).
-  tuned = ptb_speed.common.tune_host_allocator()
+  # last section; see gradclip_jax.training.cli.tune_host_allocator).
+  tuned = ptb_speed.cli.tune_host_allocator()
   rows = []
   for c in configs:
     rows.append(ptb_speed.measure(c, steps=steps or (20 if quick else 100), repeats=3 if quick else 5,

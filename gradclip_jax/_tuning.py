@@ -26,8 +26,17 @@ import jax.numpy as jnp
 from gradclip_jax import config
 
 
-def _on(name: str) -> bool:
-  return config.backend_tuning(name)
+def _on(name: str, *operands: Any) -> bool:
+  """Whether workaround ``name`` applies: switched on, and ``operands`` are traced.
+
+  The workarounds shape compiled programs. Called eagerly (concrete arrays, outside
+  ``jit``) they would only add work: each ``lax.cond`` / ``platform_dependent`` over
+  fresh branch functions is compiled anew on every call. Eager calls therefore run
+  the plain form, which gives the same values (``tests/test_tuning.py``).
+  """
+  if not config.backend_tuning(name):
+    return False
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(operands))
 
 
 def _cpu_barrier(x: Any) -> Any:
@@ -50,7 +59,7 @@ def overflow_cond(pred, rescued: Callable, plain: Callable, *operands):
   predicate back to the host (an H100 ran the f32 clip + adam step at 1.39x adam
   alone with the conditional, 1.28-1.32x without), so the plain form runs there.
   """
-  if not _on("overflow_cond"):
+  if not _on("overflow_cond", pred, operands):
     return rescued(*operands)
 
   def cpu(*ops):
@@ -79,7 +88,7 @@ def scale_barrier(scales: list, leaves: list) -> tuple:
   barrier (-5% in the same run), so it passes as is. The barrier only orders the
   computation; the values pass unchanged.
   """
-  if not _on("scale_barrier") or not any(_low_precision(x) for x in leaves):
+  if not _on("scale_barrier", scales, leaves) or not any(_low_precision(x) for x in leaves):
     return scales, leaves
   return tuple(_cpu_barrier((scales, leaves)))
 
@@ -109,7 +118,7 @@ def unit_scales_once(values: Sequence[jax.Array]) -> list:
   """
   values = list(values)
   picked = [i for i, v in enumerate(values) if jnp.size(v) > 1]
-  if not picked or not _on("unit_scales_once"):
+  if not picked or not _on("unit_scales_once", values):
     return values
 
   def cpu(vs):
@@ -137,7 +146,7 @@ def value_clip(leaves: list, bounds: list, plain: Callable) -> tuple:
   makes the max and min NaN, so the test fails, the leaf goes through ``jnp.clip``
   and the step counts as a hit, as in the plain form.
   """
-  if not _on("value_clip_tested"):
+  if not _on("value_clip_tested", leaves, bounds):
     return plain(leaves, bounds)
 
   def cpu(leaves, bounds):
@@ -165,7 +174,7 @@ def weights_apart(w_leaves: list) -> list:
   own conversion into the reduction.
   """
   w_leaves = [jnp.asarray(w) for w in w_leaves]
-  if not _on("agc_weights_apart"):
+  if not _on("agc_weights_apart", w_leaves):
     return w_leaves
   return list(_cpu_barrier(w_leaves))
 
@@ -182,7 +191,7 @@ def norm_apart(leaves: list) -> list:
   they pass as is).
   """
   leaves = list(leaves)
-  if not _on("skip_norm_apart") or not any(_low_precision(x) for x in leaves):
+  if not _on("skip_norm_apart", leaves) or not any(_low_precision(x) for x in leaves):
     return leaves
   return list(_cpu_barrier(leaves))
 
@@ -208,7 +217,7 @@ def ordered_select(skip: jax.Array, old: Any, new: Any, updates: Any) -> Any:
   run the ordering saved 40% of the float32 25M skip_spikes(adam) step but cost 24%
   of the bfloat16 one.
   """
-  if not _on("skip_ordered_select"):
+  if not _on("skip_ordered_select", skip, old, new, updates):
     return jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
   treedef = jax.tree.structure(updates)
   leaves = jax.tree.leaves(updates)

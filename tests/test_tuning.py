@@ -181,3 +181,32 @@ def test_environment_variable_is_read_at_import():
                                 capture_output=True, text=True).stdout.split()
   assert out["0"] == ["False", "False", "False"]
   assert out["scale_barrier"] == ["True", "False", "True"]
+
+
+def test_eager_calls_do_not_recompile():
+  """Outside jit the workarounds stand aside: a second eager call compiles nothing.
+
+  Each workaround's ``lax.cond`` / ``platform_dependent`` over fresh branch functions
+  would otherwise be compiled anew on every eager call (0.4 s for a 2-leaf norm).
+  """
+  import logging
+  tree = {"a": jnp.ones(3), "b": jnp.full((2, 2), 2.0)}
+  gc.functional.global_norm(tree)  # warm: the plain form's ops compile once
+  gc.functional.clip_by_norm(tree["b"], 1.0)
+  records = []
+
+  class _Catch(logging.Handler):
+    def emit(self, record):
+      records.append(record.getMessage())
+
+  handler = _Catch()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      n = gc.functional.global_norm(tree)
+      gc.functional.clip_by_norm(tree["b"], 1.0)
+  finally:
+    logger.removeHandler(handler)
+  np.testing.assert_allclose(float(n), np.sqrt(3 + 16), rtol=1e-6)
+  assert not [m for m in records if "Compiling" in m], records
