@@ -422,3 +422,18 @@ def test_ensemble_bad_size_and_dp_are_clear_errors(shared_data_dir, tmp_path, ca
   assert "ensemble must be an integer >= 1" in capsys.readouterr().err
   assert _run(base + ["--set", "ensemble=2", "--dp", "--noise-multiplier", "1.0"]) == 2
   assert "privacy" in capsys.readouterr().err
+
+
+def test_mr_reads_one_snippet_per_line(tmp_path, shared_data_dir):
+  """Byte 0x85 (cp1252's ellipsis, U+0085 in Latin-1) inside a snippet does not split it.
+
+  The data README counts 5,331 lines per polarity; str.splitlines() found 5,341 / 5,337.
+  """
+  _write_mr(tmp_path / "mr", n=3)
+  (tmp_path / "mr" / "rt-polarity.pos").write_bytes(b"so \x85 good\r\nfine\n")
+  corpus = ip.read_mr(tmp_path / "mr")
+  assert len(corpus) == 2 + 3  # "so \x85 good" and "fine", and three neg lines
+  real = ip.read_mr(shared_data_dir / "rt-polarity")
+  labels = np.asarray(real.labels)
+  assert len(labels) == 2 * 5331, len(labels)
+  assert (labels == labels[0]).sum() == 5331

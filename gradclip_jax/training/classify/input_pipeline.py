@@ -276,7 +276,9 @@ def _read_mr_lines(path: pathlib.Path) -> list[str]:
   if b"\x00" in raw:
     raise DataError(f"{path} looks binary (NUL bytes); expected Latin-1 text, one snippet "
                     "per line")
-  lines = [ln for ln in raw.decode("latin-1").splitlines() if ln.strip()]
+  # One snippet per line: split at "\n" only. str.splitlines() would also split at
+  # U+0085, which Latin-1 decodes from byte 0x85 (cp1252's ellipsis) inside snippets.
+  lines = [ln.rstrip("\r") for ln in raw.decode("latin-1").split("\n") if ln.strip()]
   if not lines:
     raise DataError(f"MR file {path} has no sentences")
   return lines
