@@ -46,7 +46,7 @@ PAD_ID = 0
 UNK_ID = 1
 
 # Bump when tokenization or the cache layout changes: old caches are then rebuilt.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: MR split at newlines only
 
 _BREAK_RE = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TOKEN_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
