@@ -190,7 +190,8 @@ def sensitivity(max_norm: Any, tree: Any = None) -> jax.Array:
   if _norms.is_scalar_threshold(max_norm):
     return jnp.asarray(max_norm, jnp.result_type(float))
   if tree is not None:
-    max_norm = _norms.broadcast_thresholds("max_norm", max_norm, tree)
+    max_norm = _norms.broadcast_thresholds("max_norm", max_norm, tree,
+                                              target=lambda g: ())
   leaves = jax.tree.leaves(max_norm)
   if not leaves:
     return jnp.zeros((), jnp.result_type(float))
@@ -280,7 +281,8 @@ def per_example_clip(max_norm: Any, *, per_layer: bool = False
         thresholds = [per] * len(leaves)
       else:
         thresholds = jax.tree.leaves(
-            _norms.broadcast_thresholds("max_norm", max_norm, updates))
+            _norms.broadcast_thresholds("max_norm", max_norm, updates,
+                                        target=lambda g: ()))
       _, all_finite, stats = clip_stats(norms, sensitivity(max_norm, updates))
       # A bad example (NaN/inf anywhere) is dropped from every leaf.
       out_leaves, clipped = [], jnp.zeros((b,), bool)
