@@ -12,6 +12,8 @@ import pytest
 
 import gradclip_jax as gc
 
+from _support import TuningOff
+
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 TOL = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
@@ -192,20 +194,9 @@ class ClipByValueTest(chex.TestCase):
     np.testing.assert_array_equal(out["b"], [-2.0, 3.0])
 
 
-class ClipByValuePlainFormTest(ClipByValueTest):
+class ClipByValuePlainFormTest(TuningOff, ClipByValueTest):
   """The same tests with the backend tuning off: the plain ``jnp.clip`` form, which is
   also what GPU/TPU run (the CPU in-range test form is ``value_clip_tested``)."""
-
-  def setUp(self):
-    super().setUp()
-    self._tuning = gc.config.backend_tuning_set(False)
-    self._tuning.__enter__()
-    jax.clear_caches()
-
-  def tearDown(self):
-    self._tuning.__exit__(None, None, None)
-    jax.clear_caches()
-    super().tearDown()
 
   def test_infinite_entries_are_clipped_and_counted(self):
     self.assertFalse(gc.config.backend_tuning("value_clip_tested"))

@@ -15,6 +15,8 @@ from gradclip_jax import _norms
 from gradclip_jax import _tuning
 from gradclip_jax import functional as F
 
+from _support import TuningOff
+
 
 class Float32AccumulationTest(chex.TestCase):
 
@@ -195,24 +197,13 @@ class NonFinitePolicyTest(chex.TestCase):
     self.assertEqual(int(state.notfinite_count), 1)
 
 
-class PlainFormTest(chex.TestCase):
+class PlainFormTest(TuningOff, chex.TestCase):
   """The numerics with the backend tuning off (the form GPU/TPU compile), on CPU.
 
   Without the ``overflow_cond`` workaround the norms always compute the rescued sum
   and select it, instead of a ``lax.cond``; that form must meet the same numerics
   claims as the tuned one.
   """
-
-  def setUp(self):
-    super().setUp()
-    self._tuning = gc.config.backend_tuning_set(False)
-    self._tuning.__enter__()
-    jax.clear_caches()
-
-  def tearDown(self):
-    self._tuning.__exit__(None, None, None)
-    jax.clear_caches()
-    super().tearDown()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_overflow_is_rescued(self):

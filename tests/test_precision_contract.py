@@ -36,6 +36,8 @@ from hypothesis import strategies as st
 import gradclip_jax as gc
 from gradclip_jax import functional as F
 
+from _support import ref_skip_spikes
+
 LD = np.longdouble
 # Relative tolerance on float64 norms and clipped entries: ~45 ulp. A float32 reduction
 # or multiply is off by ~1e-8, six orders of magnitude more.
@@ -485,21 +487,10 @@ def test_skip_spikes_float64(scale):
   params = f64_tree({"w": np.zeros((2, 3))})
   state = tx.init(params)
   update = jax.jit(tx.update)
-  mean = var = 0.0
-  count = 0
-  for t, g in enumerate(seq):
+  norms = [float(ref_norm([g["w"]])) for g in seq]
+  rows = ref_skip_spikes(norms, thr, decay, min_count)
+  for t, (g, (skip, n, bound, mean, var)) in enumerate(zip(seq, rows)):
     out, state = update(f64_tree(g), state, params)
-    n = float(ref_norm([g["w"]]))
-    bound = mean + thr * math.sqrt(var) if count >= min_count else math.inf
-    skip = n > bound
-    if not skip:  # the docstring's EMA update of the accepted norms
-      if count == 0:
-        mean, var = n, 0.0
-      else:
-        d = n - mean
-        mean += (1 - decay) * d
-        var = decay * (var + (1 - decay) * d * d)
-      count += 1
     what = f"skip_spikes step {t} at scale {scale}"
     assert_f64_close(state.global_norm, n, what=f"{what}: state.global_norm")
     assert_f64_close(state.max_norm, bound, rtol=RTOL_STATS, what=f"{what}: max_norm")
