@@ -203,7 +203,8 @@ class LinenRNN(nn.Module):
   @nn.compact
   def __call__(self, tok, lengths):
     x = nn.Embed(20, 6)(tok)
-    cell = nn.OptimizedLSTMCell(7) if self.cell == "olstm" else nn.GRUCell(7)
+    cell = {"olstm": nn.OptimizedLSTMCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}[
+        self.cell](7)
     h = nn.RNN(cell)(x, seq_lengths=lengths)
     mask = (jnp.arange(tok.shape[1])[None] < lengths[:, None])[..., None]
     return nn.Dense(2)(jnp.sum(h * mask, 1) / lengths[:, None])
@@ -321,6 +322,28 @@ def custom_vjp_model():
   return loss_fn, params
 
 
+def shared_input_model():
+  """Four kernels read the same ``x``: two alone, one also on ``u``, one in a penalty.
+
+  ``w1`` and ``w4`` share only ``x`` (one fused product; ``T = 2`` is small enough for
+  the Gram form); ``w3`` is also applied to ``u`` and ``w2`` also enters a weight
+  penalty, so those two keep their own rules.
+  """
+  rng = np.random.default_rng(5)
+  f = lambda *s: jnp.asarray(rng.normal(size=s) * 0.4, jnp.float32)
+  params = {"w1": f(8, 6), "w2": f(8, 3), "w3": f(8, 5), "w4": f(8, 6), "v": f(20, 3)}
+
+  def loss_fn(p, x, u, y):
+    h1 = jnp.tanh(x @ p["w1"])
+    h2 = jnp.tanh(x @ p["w2"])
+    h3 = jnp.tanh(x @ p["w3"] + u @ p["w3"])
+    h4 = jnp.sin(x @ p["w4"])
+    feats = jnp.concatenate([h1, h2, h3, h4], -1).sum(1)  # [B, 20]
+    return ce(feats @ p["v"], y) + 0.05 * jnp.sum(p["w2"] ** 2)
+
+  return loss_fn, params
+
+
 # ----------------------------------------------------------------------- setup
 
 
@@ -336,7 +359,7 @@ def setup(name):
     tok, lengths, y = tokens(t=5)
     lf, p = nnx_loss(NnxBlock(20, 5, 8, nnx.Rngs(1)))
     return lf, p, (tok, lengths, y)
-  if name in ("olstm", "gru"):
+  if name in ("olstm", "lstm", "gru"):
     tok, lengths, y = tokens()
     m = LinenRNN(name)
     p = m.init(KEY, tok, lengths)
@@ -360,6 +383,11 @@ def setup(name):
   if name == "custom_vjp":
     lf, p = custom_vjp_model()
     return lf, p, (jnp.asarray(rng.normal(size=(B, 5)), jnp.float32), y3)
+  if name == "shared_input":
+    lf, p = shared_input_model()
+    x = jnp.asarray(rng.normal(size=(B, 2, 8)), jnp.float32)
+    u = jnp.asarray(rng.normal(size=(B, 2, 8)), jnp.float32)
+    return lf, p, (x, u, y3)
   raise ValueError(name)
 
 
@@ -400,6 +428,13 @@ EXPECT = {
                 []),
     "custom_vjp": ([("dot_general", ("dense", "w")), ("elementwise", ("dense", "b")),
                     ("dot_general", ("head", "w"))], [("custom", "w")]),
+    # linen.LSTMCell: eight separate Dense kernels, fused into one product
+    "lstm": ([("gather", ("Embed_0", "embedding")), ("dot_general", ("Dense_0", "kernel")),
+              ("dot_general", ("LSTMCell_0", "hi", "kernel")),
+              ("dot_general", ("LSTMCell_0", "ii", "kernel")),
+              ("elementwise", ("LSTMCell_0", "hf", "bias"))], []),
+    "shared_input": ([("dot_general", ("w1",)), ("dot_general", ("w3",)),
+                      ("dot_general", ("w4",))], []),
 }
 MODELS = list(EXPECT)
 
@@ -432,6 +467,57 @@ def test_rnn_kernels_exact_rules():
     cell = [k for k in cov if "Cell" in k and "kernel" in k]
     assert cell, sorted(cov)
     assert not fallbacks(cov), cov
+
+
+FUSED = "[fused: "
+
+
+def test_shared_operands_are_fused():
+  """Kernels of different parameters on one data operand share one product."""
+  loss_fn, params, batch = setup("lstm")
+  cov = dp.ghost_coverage(loss_fn, params, *batch)
+  kernels = {k: v for k, v in cov.items() if "LSTMCell_0" in k and "kernel" in k}
+  assert len(kernels) == 8, sorted(cov)
+  # x_t and h_{t-1} times four gates: one [K_x + K_h, 4 N] product per example
+  assert all(v.startswith("dot_general (scan)") and FUSED + "8 parameters" in v
+             for v in kernels.values()), kernels
+  assert not any(FUSED in v for k, v in cov.items() if k not in kernels), cov
+  # GRUCell: n = tanh(x W_in + r * (h W_hn)) has other output gradients than the
+  # other gates: x's three kernels and h's three kernels, two products of three
+  loss_fn, params, batch = setup("gru")
+  cov = dp.ghost_coverage(loss_fn, params, *batch)
+  kernels = {k: v for k, v in cov.items() if "GRUCell_0" in k and "kernel" in k}
+  assert len(kernels) == 6 and all(FUSED + "3 parameters" in v
+                                   for v in kernels.values()), kernels
+  # w1 and w4 share x only; w3 is also read on u, w2 also by a penalty: not fused
+  loss_fn, params, batch = setup("shared_input")
+  cov = dp.ghost_coverage(loss_fn, params, *batch)
+  assert FUSED + "2 parameters" in cov["w1"] and FUSED + "2 parameters" in cov["w4"], cov
+  assert FUSED not in cov["w2"] and FUSED not in cov["w3"], cov
+  assert cov["w3"].endswith("x2 uses"), cov
+
+
+def test_default_microbatches_follow_the_budget(monkeypatch):
+  """GHOST_MEMORY_BUDGET=None: the backend's default; a number overrides it."""
+  from gradclip_jax.dp import _clipped_grad as cg  # pylint: disable=import-outside-toplevel
+  loss_fn, params, batch = setup("lstm")
+  plan, _ = cg._plan(loss_fn, False, params, batch)  # pylint: disable=protected-access
+  comps = cg._structure(plan)  # pylint: disable=protected-access
+  per = cg.extra_bytes_per_example(plan, comps)
+  assert dp.GHOST_MEMORY_BUDGET is None
+  assert cg.memory_budget() == cg.DEFAULT_BUDGETS.get(jax.default_backend(),
+                                                  cg.DEFAULT_BUDGETS["other"])
+  monkeypatch.setattr(dp, "GHOST_MEMORY_BUDGET", 2 * per)
+  assert cg.auto_microbatch(plan, comps) == 2
+  monkeypatch.setattr(dp, "GHOST_MEMORY_BUDGET", 1)
+  assert cg.auto_microbatch(plan, comps) == 1
+  # one example per microbatch, chosen by the policy: still exact
+  pe = per_example_grads(loss_fn, params, batch)
+  ref, ref_norms = np_clip_sum(pe, 0.5)
+  got, norms = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.5, method="ghost",
+                                       return_norms=True))(params, *batch)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  assert tree_rel_err(ref, got) <= 1e-5
 
 
 def test_seq_lengths_padding_is_ignored():

@@ -50,6 +50,15 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
   Parameters scanned over as inputs (``nn.scan`` over layers with ``variable_axes=
   {"params": 0}``, ``lax.scan`` over stacked weights) are one weight per step: for
   ``dot_general`` and elementwise uses the step axis is then a weight axis;
+* ``dot_general`` uses of *different* parameters that read the same data operand
+  (the same value, with the same dimension numbers on its side; e.g. attention's
+  query/key/value projections) are one product with their output gradients
+  concatenated, and data operands whose uses have the same output gradients
+  (``W_x x_t + W_h h_t`` in one gate) stack along the contracted features: exact for
+  the total norm, ``||sum_t a_t [g_1t ... g_Lt]^T||^2 = sum_l ||sum_t a_t g_lt^T||^2``,
+  and one product gives all their clipped sums. ``linen.LSTMCell``'s eight kernels
+  (``x_t`` and ``h_{t-1}`` times four gates) become one ``[2K, 4N]`` product per
+  example; ``ghost_coverage`` adds ``" [fused: N parameters on shared operands]"``;
 * the same parameter operand used several times with the same form (a shared layer):
   positions concatenated; a 2-D table read by ``gather`` and by ``dot_general`` (tied
   input/output embeddings, ``h @ E.T``): ``|G_gather|^2 + |G_dot|^2`` plus the exact
@@ -82,10 +91,13 @@ Memory: with ``microbatch_size=None`` the ghost method splits the batch into
 microbatches (the largest divisor ``m`` of ``B``) so that its own extra memory over
 a plain step per microbatch - the probe gradients, the largest Gram/direct/
 per-example temporary of one rule, and the per-example gradients of parameters on
-the per-example path, estimated from the traced shapes - stays within
-``GHOST_MEMORY_BUDGET`` bytes (512 MiB; ``gradclip_jax.dp.GHOST_MEMORY_BUDGET``, read
-when the step is traced); pass ``microbatch_size`` to choose ``m`` yourself
-(``microbatch_size=B``: one pass over the whole batch).
+the per-example path, estimated from the traced shapes - stays within a budget:
+``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` bytes when set (read when the step is traced),
+else 128 MiB on CPU and 512 MiB on other backends (``_clipped_grad.DEFAULT_BUDGETS``).
+On CPU the smaller microbatches were faster as well as lighter (the cache; see the DP
+guide's cost section); the accelerator value is not tuned by a measurement. Pass
+``microbatch_size`` to choose ``m`` yourself (``microbatch_size=B``: one pass over the
+whole batch).
 """
 
 from gradclip_jax.dp._clipped_grad import GHOST_MEMORY_BUDGET

@@ -16,14 +16,32 @@ from gradclip_jax.dp import _per_example
 from gradclip_jax.dp import _trace
 from gradclip_jax.dp._rules import RULES
 from gradclip_jax.dp._rules import _common as cm
+from gradclip_jax.dp._rules import dot_general as dot_rule
 
 METHODS = ("auto", "vmap", "ghost")
 
 #: Bytes of extra memory over a plain step (probe gradients, rule temporaries, see
 #: ``extra_bytes_per_example``) that one microbatch of the ghost method may use when
 #: ``microbatch_size=None``; the batch is split into the fewest equal microbatches
-#: that fit (see :mod:`gradclip_jax.dp`).
-GHOST_MEMORY_BUDGET = 512 * 2 ** 20
+#: that fit (see :mod:`gradclip_jax.dp`). ``None``: ``DEFAULT_BUDGETS`` for the
+#: default backend, else ``DEFAULT_BUDGETS["other"]``.
+GHOST_MEMORY_BUDGET = None
+
+#: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU smaller
+#: microbatches were faster as well as lighter (2-core CPU, B = 256, linen LSTMCell
+#: at T = 256: clipped_grad 1.67x a plain gradient at m = 256, 1.07x at m = 64, 1.06x
+#: at m = 16), so 128 MiB there (m = 64 for that model). The accelerator value is the
+#: former default, not tuned by a measurement.
+DEFAULT_BUDGETS = {"cpu": 128 * 2 ** 20, "other": 512 * 2 ** 20}
+
+
+def memory_budget() -> int:
+  """The ghost method's budget in bytes: ``GHOST_MEMORY_BUDGET`` as the user set it."""
+  budget = getattr(sys.modules.get("gradclip_jax.dp"), "GHOST_MEMORY_BUDGET",
+                   GHOST_MEMORY_BUDGET)
+  if budget is None:
+    budget = DEFAULT_BUDGETS.get(jax.default_backend(), DEFAULT_BUDGETS["other"])
+  return budget
 
 
 # ------------------------------------------------------------------------ helpers
@@ -119,6 +137,20 @@ class _Component:
   direct: bool            # one group, isometric: the rule's own norm is the leaves' norm
   name: str
   tied: Any = None        # (gather group, dot group, rows_are_free): exact cross term
+  block: Any = None       # the _Block of fused dot_general uses it belongs to
+
+
+@dataclasses.dataclass
+class _Block:
+  """``dot_general`` groups of different parameters that share their operands.
+
+  ``rows[r][c]`` is a group: every group of row ``r`` reads the same data rows ``a``
+  and every group of column ``c`` has the same output gradients ``g``, so the whole
+  block is one product ``[K_1 + ..., N_1 + ...]`` per example (see
+  :mod:`gradclip_jax.dp._rules.dot_general`).
+  """
+  rows: list
+  comps: list
 
 
 def _structure(plan: _trace.Plan):
@@ -172,7 +204,41 @@ def _structure(plan: _trace.Plan):
     if comp.tied is not None:
       comp.direct = True
     out.append(comp)
+  _fuse(out)
   return out
+
+
+def _fuse(comps):
+  """Sets ``comp.block`` for the direct dot_general groups that share operands.
+
+  Groups with the same data rows (``dot_rule.row_key`` of each use) form a row, their
+  output gradients side by side; rows whose columns have the same output gradients
+  (``dot_rule.col_key``), in the same order, stack along ``K``.
+  """
+  rows = {}
+  for c in comps:
+    if not (c.direct and c.tied is None and len(c.groups) == 1):
+      continue
+    g = c.groups[0]
+    if g.rule.family != "dot_general" or not all(dot_rule.fusable(u) for u in g.uses):
+      continue
+    rk = tuple(dot_rule.row_key(u) for u in g.uses)
+    ck = tuple(dot_rule.col_key(u) for u in g.uses)
+    rows.setdefault(rk, []).append((ck, c))
+  blocks = {}
+  for members in rows.values():
+    members.sort(key=lambda m: repr(m[0]))
+    cols = tuple(repr(ck) for ck, _ in members)
+    blocks.setdefault(cols, []).append([c for _, c in members])
+  for rws in blocks.values():
+    n = sum(len(r) for r in rws)
+    if n < 2:
+      continue
+    blk = _Block(rows=[[c.groups[0] for c in r] for r in rws],
+                 comps=[c for r in rws for c in r])
+    for c in blk.comps:
+      c.block = blk
+      c.name += f" [fused: {n} parameters on shared operands]"
 
 
 def _tied_pair(gs):
@@ -259,7 +325,13 @@ def extra_bytes_per_example(plan, comps) -> int:
     total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1) // b
   # The recorded operands are values the backward pass keeps anyway (residuals);
   # the rules' temporaries come and go, so only the largest counts.
-  temp = max([u.rule.temp_bytes(u, b) for u in plan.uses] or [0])
+  temps = [u.rule.temp_bytes(u, b) for u in plan.uses]
+  for blk in {id(c.block): c.block for c in comps if c.block is not None}.values():
+    r0 = [g.uses[0] for g in blk.rows[0]]
+    temps.append(dot_rule.block_temp_bytes(
+        [r[0].uses[0].data["K"] for r in blk.rows], [u.data["N"] for u in r0],
+        r0[0].data["H"], sum(dot_rule.positions(u, b) for u in blk.rows[0][0].uses)))
+  temp = max(temps or [0])
   total += temp
   for c in comps:
     if not c.direct:
@@ -270,9 +342,8 @@ def extra_bytes_per_example(plan, comps) -> int:
 
 def auto_microbatch(plan, comps, budget=None) -> int:
   """The largest divisor m of B with m * extra_bytes_per_example <= the budget."""
-  if budget is None:  # gradclip_jax.dp.GHOST_MEMORY_BUDGET, as the user may have set it
-    budget = getattr(sys.modules.get("gradclip_jax.dp"), "GHOST_MEMORY_BUDGET",
-                     GHOST_MEMORY_BUDGET)
+  if budget is None:
+    budget = memory_budget()
   per = max(extra_bytes_per_example(plan, comps), 1)
   b = plan.b
   for m in range(b, 0, -1):
@@ -329,9 +400,16 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
       else:
         canons[id(g)] = g.rule.concat(parts)
 
+  blocks = list({id(c.block): c.block for c in comps if c.block is not None}.values())
+  block_canons = [dot_rule.block_canon([[canons[id(g)] for g in row] for row in blk.rows])
+                  for blk in blocks]
   sq = jnp.zeros((b,), jnp.float32)
+  for bc in block_canons:
+    sq = sq + dot_rule.block_sq(bc)
   materialised = []  # (component, {leaf: [B, ...] per-example grads})
   for c in comps:
+    if c.block is not None:
+      continue
     if c.tied is not None:
       ga, dg, free = c.tied
       cga, cdg = canons[id(ga)], canons[id(dg)]
@@ -373,8 +451,15 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   # The clipped sum from the same records: sum_b w_b dW'_b per direct group, mapped
   # to the parameter leaves by the VJP of the parameter-only part of the program.
   cts, direct_keys = [], []
+  for blk, bc in zip(blocks, block_canons):
+    members = [[(canons[id(g)], g.uses[0].data) for g in row] for row in blk.rows]
+    for (r, col), x in dot_rule.block_weighted(bc, members, weights, finite).items():
+      u0 = blk.rows[r][col].uses[0]
+      key = (u0.uid, u0.data["wpos"])
+      direct_keys.append(key)
+      cts.append(x.astype(jnp.result_type(views[key])))
   for c in comps:
-    if not c.direct:
+    if not c.direct or c.block is not None:
       continue
     for g in c.groups:
       u0 = g.uses[0]
@@ -415,8 +500,10 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
   * ``"unused"``: the losses do not depend on the leaf (its gradient is zero);
 
   followed by ``" (scan)"`` when a use sits inside a ``scan`` (its positions include
-  the steps) and ``" xN uses"`` when ``N > 1`` operations read the leaf (through the
-  same operand, or sharing leaves with other operands). Leaves whose uses share
+  the steps), ``" xN uses"`` when ``N > 1`` operations read the leaf (through the
+  same operand, or sharing leaves with other operands), and ``" [fused: N parameters
+  on shared operands]"`` when its ``dot_general`` shares one product with other
+  parameters' (the same data operand, or the same output gradients). Leaves whose uses share
   parameters with a use of another form (e.g. a tied embedding read by ``gather`` and
   ``dot_general``) get exact per-example gradients of those leaves, named after the
   first use in program order.

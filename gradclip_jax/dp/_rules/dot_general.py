@@ -13,6 +13,17 @@ is cheaper (Goodfellow 2015; Li et al. 2022, "ghost norm"):
 * else the direct ``||sum_t a_t g_t^T||^2``.
 
 The clipped sum is ``sum_b w_b sum_t a_bt g_bt^T`` (book-keeping, Bu et al. 2023).
+
+Uses of *different* parameters that read the same data operand (the same value, with
+the same dimension numbers on its side) share their work exactly: for the total
+per-example norm ``sum_l ||sum_t a_t g_lt^T||^2 = ||sum_t a_t [g_1t ... g_Lt]^T||^2``,
+so they are one dense with the output gradients concatenated (``N`` = the sum of
+their widths), and the Gram form shares ``a a^T``. Likewise data operands whose
+uses have the same output gradients (``W_x x_t + W_h h_t`` in one gate) concatenate
+along ``K``: ``||sum_t [x_t; h_t] g_t^T||^2``. ``linen.LSTMCell``'s eight kernels
+(``x_t`` and ``h_{t-1}`` times four gates) become one ``[2K, 4N]`` product per
+example. The clipped sums come from one product as well, split per parameter
+(:func:`block_sq`, :func:`block_weighted`; the grouping is in ``_clipped_grad``).
 """
 
 from __future__ import annotations
@@ -71,9 +82,7 @@ class DotGeneral(cm.Rule):
 
   def temp_bytes(self, use, b):
     d = use.data
-    steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
-    xsize = cm.size_of(use.eqn.invars[d["xpos"]].aval)
-    t = max(xsize // max(b * d["H"] * d["K"], 1), 1) * steps
+    t = positions(use, b)
     big = t * t if _use_gram(t, d["K"], d["N"]) else d["K"] * d["N"]
     return 4 * d["H"] * big + 4 * d["H"] * t * (d["K"] + d["N"])
 
@@ -140,3 +149,73 @@ class DotGeneral(cm.Rule):
     d = c["data"]
     pe = jnp.einsum("bhtk,bhtn->bhkn", cm.f32(c["a"]), cm.f32(c["g"]), precision=cm.HI)
     return {d["wpos"]: self._layout(pe, d, self._lead(c, pe.shape[0]))}
+
+
+# ------------------------------------------------ shared data operands (fused uses)
+
+
+def row_key(use):
+  """Key of the canonical data rows ``a`` of a use: equal keys give equal ``a``."""
+  d = use.data
+  return (use.scope_id, use.rec_key.get(d["xpos"]), tuple(d["xc"]), tuple(d["xb"]),
+          tuple(d["xfree"]), use.in_info[d["xpos"]].spec, tuple(use.stack))
+
+
+def col_key(use):
+  """Key of the canonical output-gradient rows ``g`` (the probe and its layout)."""
+  d = use.data
+  return (use.probe_key.get(0), d["nb"], tuple(d["x_out"]), tuple(d["w_out"]),
+          use.out_info[0].spec, tuple(use.stack))
+
+
+def fusable(use) -> bool:
+  """A use whose rows may be concatenated with other parameters' uses."""
+  d = use.data
+  return not use.in_info[d["wpos"]].wstack and use.rec_key.get(d["xpos"]) is not None
+
+
+def block_canon(rows):
+  """``rows[r][c]``: canon of the member in row r, column c -> one fused canon.
+
+  Every row shares one ``a`` (its first member's) and every column one ``g``.
+  """
+  a = [r[0]["a"] for r in rows]
+  g = [c["g"] for c in rows[0]]
+  return {"a": a[0] if len(a) == 1 else jnp.concatenate(a, axis=-1),
+          "g": g[0] if len(g) == 1 else jnp.concatenate(g, axis=-1),
+          "ks": [x.shape[-1] for x in a], "ns": [x.shape[-1] for x in g]}
+
+
+def block_sq(c):
+  """[B] squared norm of all members of a fused block (one product)."""
+  return DotGeneral().sq(c)
+
+
+def block_weighted(c, members, w, fin):
+  """``members[r][col]`` = (canon, data) -> {(r, col): sum_b w_b dW'_b} in W' layout."""
+  s = jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
+                 cm.mask_rows(c["g"], fin, w), precision=cm.HI)
+  ko = np.cumsum([0] + c["ks"])
+  no = np.cumsum([0] + c["ns"])
+  rule = DotGeneral()
+  out = {}
+  for r, row in enumerate(members):
+    for col, (canon, d) in enumerate(row):
+      piece = s[:, ko[r]:ko[r + 1], no[col]:no[col + 1]]
+      out[(r, col)] = rule._layout(piece, d, rule._lead(canon))  # pylint: disable=protected-access
+  return out
+
+
+def positions(use, b) -> int:
+  """``T``: the positions per example and dot-general batch index (steps included)."""
+  d = use.data
+  steps = int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
+  xsize = cm.size_of(use.eqn.invars[d["xpos"]].aval)
+  return max(xsize // max(b * d["H"] * d["K"], 1), 1) * steps
+
+
+def block_temp_bytes(ks, ns, h, t) -> int:
+  """Estimated bytes per example of a fused block's temporaries."""
+  k, n = sum(ks), sum(ns)
+  big = t * t if _use_gram(t, k, n) else k * n
+  return 4 * h * big + 4 * h * t * (k + n)
