@@ -51,6 +51,10 @@ def prepare_workdir(workdir: os.PathLike | str, *, resume: bool, overwrite: bool
   if workdir.exists() and not workdir.is_dir():
     raise UsageError(f"--workdir {workdir} is a file, not a folder")
   found = run_files(workdir)
+  # Multi-host: every process looks before process 0 removes anything, so that all take
+  # the same branch (one that saw a half-removed run would resume while the others start
+  # afresh, and then wait for each other forever).
+  _barrier("gradclip_workdir_checked")
   if not found or resume:
     return
   if not overwrite:
@@ -63,6 +67,15 @@ def prepare_workdir(workdir: os.PathLike | str, *, resume: bool, overwrite: bool
         shutil.rmtree(p)
       else:
         p.unlink()
+  _barrier("gradclip_workdir_cleared")  # nobody reads the workdir before it is clear
+
+
+def _barrier(name: str) -> None:
+  """Waits until every process of a multi-host run gets here (no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -86,6 +86,12 @@ class _Source:
   files: tuple[_File, ...] = ()
 
 
+def _files(folder: str, *specs: tuple[str, int, str, int, int]) -> tuple[_File, ...]:
+  """``_File``s of the archive folder ``folder``, each unpacked under its own name:
+  ``(name, size, sha256, lines, words)`` per file."""
+  return tuple(_File(f"{folder}/{name}", name, *spec) for name, *spec in specs)
+
+
 SOURCES = {
     "ptb": _Source(
         name="ptb",
@@ -95,17 +101,17 @@ SOURCES = {
         citation=("Marcus, Santorini & Marcinkiewicz (1993), Computational Linguistics 19(2); "
                   "preprocessing Mikolov et al. (2010), Interspeech"),
         train_command="gradclip ptb --data-dir {dir}",
-        files=(
-            _File("simple-examples/data/ptb.train.txt", "ptb.train.txt", 5_101_618,
-                  "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
-                  42_068, 887_521),
-            _File("simple-examples/data/ptb.valid.txt", "ptb.valid.txt", 399_782,
-                  "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
-                  3_370, 70_390),
-            _File("simple-examples/data/ptb.test.txt", "ptb.test.txt", 449_945,
-                  "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
-                  3_761, 78_669),
-        )),
+        files=_files(
+            "simple-examples/data",
+            ("ptb.train.txt", 5_101_618,
+             "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+             42_068, 887_521),
+            ("ptb.valid.txt", 399_782,
+             "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+             3_370, 70_390),
+            ("ptb.test.txt", 449_945,
+             "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+             3_761, 78_669))),
     "imdb": _Source(
         name="imdb",
         title="Large Movie Review Dataset v1.0 (aclImdb), labelled reviews",
@@ -120,14 +126,14 @@ SOURCES = {
         archive="rt-polaritydata.tar.gz",
         citation="Pang & Lee (2005), ACL",
         train_command="gradclip classify --dataset mr --data-dir {dir}",
-        files=(
-            _File("rt-polaritydata/rt-polarity.pos", "rt-polarity.pos", 626_139,
-                  "2da124ec187a9d5a29c9f04e91c540e02baed5af8868f550a26bd6fd4dbf8bf0",
-                  5_331, 112_404),
-            _File("rt-polaritydata/rt-polarity.neg", "rt-polarity.neg", 612_256,
-                  "4ace77d558c3714723843f1d65b60c01e3417b208180f0728808d76ad0eeeaca",
-                  5_331, 111_597),
-        )),
+        files=_files(
+            "rt-polaritydata",
+            ("rt-polarity.pos", 626_139,
+             "2da124ec187a9d5a29c9f04e91c540e02baed5af8868f550a26bd6fd4dbf8bf0",
+             5_331, 112_404),
+            ("rt-polarity.neg", 612_256,
+             "4ace77d558c3714723843f1d65b60c01e3417b208180f0728808d76ad0eeeaca",
+             5_331, 111_597))),
 }
 
 # IMDB: reviews per split and class, and their whitespace word counts (str.split of the

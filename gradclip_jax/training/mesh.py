@@ -5,6 +5,21 @@ parameters are replicated, and ``jit`` (GSPMD) inserts the gradient all-reduce. 
 multi-host run (:func:`initialize_distributed`) the mesh spans every process's devices
 (``jax.devices()``) and each process feeds its own rows of every global batch
 (:func:`shard_batch`, via ``jax.make_array_from_process_local_data``).
+
+Multi-host runs on XLA:CPU (gloo) need two rules, which the trainers follow:
+
+* **A bounded run-ahead.** Dispatch is asynchronous, and XLA:CPU admits at most 32
+  programs in flight per device; the launch that finds the limit reached blocks a thread
+  of the client's pool, which has one thread per core. A program with collectives runs
+  on every local device at once, each on its own pool thread; with as many devices as
+  cores (2 and 2 in the tests) it then waits for a thread that the blocked launch holds,
+  and the processes, each waiting in its collective for the other, hang. So a loop
+  waits for its latest result at least every :data:`MAX_AHEAD` programs
+  (:func:`pace`), and does one jitted program per step (no eager ``jnp`` ops on global
+  arrays between them).
+* **No hidden collectives.** ``jax.device_put`` of host data onto a sharding that spans
+  several processes checks that every process passed the same value, an all-gather per
+  array; :func:`put` and :func:`replicate` place each process's shards directly.
 """
 from __future__ import annotations
 
@@ -17,13 +32,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gradclip_jax.training.errors import UsageError
 
-__all__ = ["DATA_AXIS", "initialize_distributed", "num_data_devices", "make_mesh",
-           "replicate", "shard_batch", "process_rows", "to_host"]
+__all__ = ["DATA_AXIS", "MAX_AHEAD", "initialize_distributed", "num_data_devices",
+           "make_mesh", "put", "replicate", "shard_batch", "process_rows", "to_host", "pace"]
 
 log = logging.getLogger(__name__)
 
 #: Name of the mesh axis the batch is sharded over.
 DATA_AXIS = "data"
+
+#: Most programs a training or evaluation loop dispatches before it waits for the last
+#: one (:func:`pace`); half of XLA:CPU's limit of 32 in flight per device.
+MAX_AHEAD = 16
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -79,11 +98,32 @@ def make_mesh(num_devices: int) -> Mesh | None:
   return Mesh(devices, (DATA_AXIS,))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put(tree, shardings)`` of values that every process holds in full.
+
+  ``shardings`` is one ``Sharding`` or a pytree of them like ``tree``. In a multi-host run
+  each process places the shards of its own devices from its copy
+  (``jax.make_array_from_callback``), with no cross-process check: ``device_put`` would
+  all-gather every array to compare the copies (the values here are the same by
+  construction: same seed, same data).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(a, sharding):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda a: one(a, shardings), tree)
+  return jax.tree.map(one, tree, shardings)
+
+
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Places every array of ``tree`` on all devices of ``mesh`` (no-op without a mesh)."""
   if mesh is None:
     return jax.device_put(tree)
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return put(tree, NamedSharding(mesh, P()))
 
 
 def process_rows(n: int, mesh: Mesh) -> slice:
@@ -122,9 +162,26 @@ def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-  """NumPy copies of a pytree of (possibly batch-sharded, multi-host) arrays."""
+  """NumPy copies of a pytree of (possibly batch-sharded, multi-host) arrays.
+
+  In a multi-host run a replicated array is read from this process's copy; any other is
+  all-gathered (``multihost_utils.process_allgather``), leaf by leaf in ``tree``'s order,
+  which is the same in every process.
+  """
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  return multihost_utils.process_allgather(tree, tiled=True)
+  def one(x):
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return multihost_utils.process_allgather(x, tiled=True)
+
+  return jax.tree.map(one, tree)
+
+
+def pace(count: int, tree: Any) -> None:
+  """Waits for ``tree`` every :data:`MAX_AHEAD` calls: call it after the ``count``-th
+  program of a loop (1-based) with that program's output, in every process."""
+  if count % MAX_AHEAD == 0:
+    jax.block_until_ready(tree)

@@ -3,9 +3,11 @@
 :func:`gradient_update` takes the gradient of the batch loss and applies the clipping
 rule inside ``tx`` (``--clip``), or with DP-SGD (``--dp``) the sum of the per-example
 gradients clipped to ``dp.max_norm``, followed by ``tx`` (noise, ``1/B``, optimizer).
+:class:`StepLog` is what both training loops do after dispatching a step.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import jax
@@ -14,9 +16,29 @@ import optax
 
 from gradclip_jax.training import clip as clip_lib
 from gradclip_jax.training import dp as dp_lib
+from gradclip_jax.training import mesh as mesh_lib
 from gradclip_jax.training.metrics import report
 
-__all__ = ["gradient_update", "clip_or_dp"]
+__all__ = ["gradient_update", "clip_or_dp", "StepLog"]
+
+
+class StepLog:
+  """After each dispatched train step: advances the progress bar, reports the first step
+  of the run (compiled and ran in how long) and paces the loop (``mesh.pace``: waits
+  for the step every ``mesh.MAX_AHEAD`` steps, which a multi-host run needs)."""
+
+  def __init__(self):
+    self._first = True
+
+  def __call__(self, bar, step: int, out: Any, t0: float) -> None:
+    """``step``: the global step just dispatched (1-based); ``out``: its output;
+    ``t0``: ``time.perf_counter()`` when this call's loop started."""
+    bar.update(1)
+    if self._first:
+      jax.block_until_ready(out)
+      report(f"step {step}: compiled and ran in {time.perf_counter() - t0:.1f}s")
+      self._first = False
+    mesh_lib.pace(step, out)
 
 
 def gradient_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, *,

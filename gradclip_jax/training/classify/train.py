@@ -287,17 +287,20 @@ def evaluate(eval_step, params, split: input_pipeline.Split, cfg: configs.Classi
              mesh) -> dict[str, Any]:
   """Accuracy, loss and class probabilities ``probs`` ``[N, C]`` (in the split's order)."""
   totals = np.zeros(3)
-  batches, pending = input_pipeline.eval_batches(split.lengths, cfg.eval_batch_size), []
-  for idx in batches:
-    batch = input_pipeline.make_batch(split, idx, pad_multiple=cfg.pad_multiple,
-                                      batch_size=cfg.eval_batch_size)
-    pending.append(eval_step(params, mesh_lib.shard_batch(batch, mesh)))
+  batches = input_pipeline.eval_batches(split.lengths, cfg.eval_batch_size)
   probs = None
-  for idx, (sums, p) in zip(batches, mesh_lib.to_host(pending)):
-    totals += np.asarray(sums, dtype=np.float64)
-    if probs is None:
-      probs = np.zeros((len(split), p.shape[-1]), np.float32)
-    probs[idx] = p[:len(idx)]  # Rows past len(idx) only fill the batch.
+  # At most mesh.MAX_AHEAD batches in flight: each chunk is fetched before the next.
+  for start in range(0, len(batches), mesh_lib.MAX_AHEAD):
+    chunk, pending = batches[start:start + mesh_lib.MAX_AHEAD], []
+    for idx in chunk:
+      batch = input_pipeline.make_batch(split, idx, pad_multiple=cfg.pad_multiple,
+                                        batch_size=cfg.eval_batch_size)
+      pending.append(eval_step(params, mesh_lib.shard_batch(batch, mesh)))
+    for idx, (sums, p) in zip(chunk, mesh_lib.to_host(pending)):
+      totals += np.asarray(sums, dtype=np.float64)
+      if probs is None:
+        probs = np.zeros((len(split), p.shape[-1]), np.float32)
+      probs[idx] = p[:len(idx)]  # Rows past len(idx) only fill the batch.
   loss_sum, correct, count = totals
   return {"acc": correct / max(count, 1), "loss": loss_sum / max(count, 1),
           "probs": probs if probs is not None else np.zeros((0, 0), np.float32)}
@@ -306,6 +309,10 @@ def evaluate(eval_step, params, split: input_pipeline.Split, cfg: configs.Classi
 # -----------------------------------------------------------------------------------------
 # The training loop.
 # -----------------------------------------------------------------------------------------
+
+
+#: A copy of a pytree of arrays as one program (not one eager copy per leaf; see ``mesh``).
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _new_accumulators() -> dict[str, float]:
@@ -374,7 +381,7 @@ def train_and_evaluate(config: configs.TrainConfig,
   tx = make_optimizer(cfg, clip, planned_steps)
   state = mesh_lib.replicate(init_state(model, tx, cfg, run.seed), mesh)
   eval_key = "ema_params" if cfg.ema_decay > 0 else "params"  # What is evaluated/tested.
-  best_params = jax.tree.map(jnp.copy, getattr(state, eval_key))
+  best_params = _copy(getattr(state, eval_key))
 
   described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
   ckpt = checkpoints.Checkpointer(workdir)
@@ -436,7 +443,7 @@ def train_and_evaluate(config: configs.TrainConfig,
       record.update(dp.record(step))
     return record
 
-  first_step = True
+  log_step = steps.StepLog()
   with catch_signals(enabled=jax.process_count() == 1) as stop:
     while step < total_steps:
       epoch, pos = divmod(step, steps_per_epoch)
@@ -449,11 +456,7 @@ def train_and_evaluate(config: configs.TrainConfig,
         state, m = train_step(state, mesh_lib.shard_batch(batch, mesh))
         pending.append(m)
         step += 1
-        bar.update(1)
-        if first_step:
-          jax.block_until_ready(state.step)
-          report(f"step {step}: compiled and ran in {time.perf_counter() - t0:.1f}s")
-          first_step = False
+        log_step(bar, step, state.step, t0)
         if len(pending) >= _METRIC_FLUSH_EVERY:
           flush(pending)
         if step >= total_steps or stop or (run.checkpoint_every
@@ -473,7 +476,7 @@ def train_and_evaluate(config: configs.TrainConfig,
         if eval_acc is None or meta["best_eval_acc"] is None \
             or eval_acc > meta["best_eval_acc"]:
           meta["best_eval_acc"], meta["best_epoch"] = eval_acc, epoch + 1
-          best_params = jax.tree.map(jnp.copy, getattr(state, eval_key))
+          best_params = _copy(getattr(state, eval_key))
         eps = f" epsilon {record['epsilon']:.3f}" if dp is not None else ""
         shown = "none (no validation split)" if eval_acc is None else f"{eval_acc:.4f}"
         if is_primary():

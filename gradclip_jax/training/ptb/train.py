@@ -169,7 +169,7 @@ def state_shardings(state: PTBState, mesh) -> PTBState:
 def place_state(state: PTBState, mesh) -> PTBState:
   if mesh is None:
     return jax.device_put(state)
-  return jax.device_put(state, state_shardings(state, mesh))
+  return mesh_lib.put(state, state_shardings(state, mesh))
 
 
 def per_window_loss_fn(model: models.PTBModel, key: jax.Array):
@@ -237,14 +237,16 @@ def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: models.PTBModel):
-  """The jitted ``params, carry, x, y, mask -> carry, summed cross-entropy``."""
+  """The jitted ``params, carry, total, x, y, mask -> carry, total + summed
+  cross-entropy`` (``carry`` and ``total`` donated): the running total is summed inside
+  the step, so that a window is one program (see ``mesh``)."""
 
-  def eval_step(params, carry, x, y, mask):
+  def eval_step(params, carry, total, x, y, mask):
     carry, logits = model.apply({"params": params}, carry, x, train=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y.T)
-    return carry, jnp.sum(ce * mask.T)
+    return carry, total + jnp.sum(ce * mask.T)
 
-  return jax.jit(eval_step, donate_argnums=1)
+  return jax.jit(eval_step, donate_argnums=(1, 2))
 
 
 def evaluate(model, eval_step, params, ids: np.ndarray, batch_size: int, num_steps: int,
@@ -273,12 +275,11 @@ def evaluate(model, eval_step, params, ids: np.ndarray, batch_size: int, num_ste
     masks = np.broadcast_to(masks, xs.shape)
     place = lambda a: mesh_lib.shard_batch(a, mesh)
     count = xs.size
-  carry = model.initial_carry(batch_size)
-  carry = place(carry)
-  total = jnp.zeros((), jnp.float32)
-  for x, y, m in zip(xs, ys, masks):
-    carry, ce = eval_step(params, carry, place(x), place(y), place(m))
-    total = total + ce
+  carry = place(model.initial_carry(batch_size))
+  total = mesh_lib.replicate(np.zeros((), np.float32), mesh)
+  for i, (x, y, m) in enumerate(zip(xs, ys, masks), 1):
+    carry, total = eval_step(params, carry, total, place(x), place(y), place(m))
+    mesh_lib.pace(i, total)
   return math.exp(float(total) / count)
 
 
@@ -288,9 +289,10 @@ def evaluate(model, eval_step, params, ids: np.ndarray, batch_size: int, num_ste
 
 
 def _zeros_like(tree):
-  """Zeros with the shapes, dtypes and shardings of ``tree``."""
-  return jax.tree.map(
-      lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), tree)
+  """Zeros with the shapes, dtypes and shardings of ``tree`` (placed from the host: no
+  program, no collective)."""
+  return mesh_lib.put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree),
+                      jax.tree.map(lambda a: a.sharding, tree))
 
 
 def _epoch_record(epoch: int, lr: float, acc: dict, wps: float,
@@ -395,7 +397,7 @@ def train_and_evaluate(config: configs.TrainConfig,
                                    "elapsed": elapsed, "records": writer.records,
                                    "done": done, "config": described})
 
-  stopped, first_step = False, True
+  stopped, log_step = False, steps.StepLog()
   with catch_signals(enabled=jax.process_count() == 1) as stop:
 
     def stop_if_asked():  # after a checkpoint at global_step
@@ -423,11 +425,7 @@ def train_and_evaluate(config: configs.TrainConfig,
         state = train_step(state, shard(ex[pos]), shard(ey[pos]))
         pos += 1
         global_step += 1
-        bar.update(1)
-        if first_step:
-          jax.block_until_ready(state.step)
-          report(f"step {global_step}: compiled and ran in {time.perf_counter() - t0:.1f}s")
-          first_step = False
+        log_step(bar, global_step, state.step, t0)
         if pos % 20 == 0 or pos == epoch_size:
           jax.block_until_ready(state.step)
           dt = elapsed + time.perf_counter() - t0
