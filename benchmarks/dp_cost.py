@@ -19,6 +19,9 @@ each ended by ``jax.block_until_ready``.
 Modes: ``plain`` (grad of the mean loss + SGD), ``vmap`` (clipped_grad(method="vmap")
 + add_noise + SGD: per-example gradients of the whole model), ``ghost``
 (clipped_grad(method="ghost") with default arguments + add_noise + SGD).
+``--ghost-budgets 512`` adds, in the same run, ghost rows with
+``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` set to each given MiB (an A/B of the
+default microbatch budget; the mode column reads ``ghost@512MiB``).
 
   python benchmarks/dp_cost.py                                 # B in {256, 1024}
   python benchmarks/dp_cost.py --models olstm --batch-sizes 256 --modes plain ghost
@@ -144,7 +147,7 @@ def build(model: str, cfg: dict, key):
 
 
 def child(model: str, mode: str, b: int, steps: int, quick: bool,
-          microbatch: int | None = None) -> dict:
+          microbatch: int | None = None, budget_mib: int | None = None) -> dict:
   import resource  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -154,6 +157,8 @@ def child(model: str, mode: str, b: int, steps: int, quick: bool,
   import gradclip_jax  # pylint: disable=import-outside-toplevel
   import gradclip_jax.dp  # pylint: disable=import-outside-toplevel
 
+  if budget_mib is not None:
+    gradclip_jax.dp.GHOST_MEMORY_BUDGET = budget_mib * 2 ** 20
   cfg = QUICK if quick else FULL
   loss_fn, params, make_batch = build(model, cfg, jax.random.key(0))
   batch = make_batch(b)
@@ -194,7 +199,8 @@ def child(model: str, mode: str, b: int, steps: int, quick: bool,
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t0)
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-  row = {"model": model, "mode": mode, "batch": b, "median_s": float(np.median(times)),
+  label = mode if budget_mib is None else f"{mode}@{budget_mib}MiB"
+  row = {"model": model, "mode": label, "batch": b, "median_s": float(np.median(times)),
          "min_s": min(times), "steps": steps, "compile_s": compile_s,
          "peak_rss_gb": rss_gb, "rss_after_compile_gb": rss_compile_gb,
          "xla_temp_gb": temp_gb, "finite": bool(all(
@@ -243,6 +249,10 @@ def main(argv=None) -> int:
                   help="tiny shapes (vocab 500, width 16, T 16, B 8) for a smoke check")
   ap.add_argument("--microbatch", type=int, default=None,
                   help="microbatch_size for the vmap/ghost modes (default: the method's)")
+  ap.add_argument("--ghost-budgets", type=int, nargs="+", default=[], metavar="MIB",
+                  help="also run the ghost mode with GHOST_MEMORY_BUDGET set to each "
+                       "of these MiB (an A/B of the default budget, same run)")
+  ap.add_argument("--budget-mib", type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--skip-vmap-above", type=int, default=256,
                   help="skip vmap at batch sizes above this (its per-example "
                        "gradients of the 20k x 128 embedding need B x 10 MB)")
@@ -256,7 +266,8 @@ def main(argv=None) -> int:
   steps = args.steps or (2 if args.quick else 5)
   if args.child:
     print("RESULT " + json.dumps(child(args.child[0], args.child[1], int(args.child[2]),
-                                       steps, args.quick, args.microbatch)))
+                                       steps, args.quick, args.microbatch,
+                                       args.budget_mib)))
     return 0
   sizes = args.batch_sizes or ([8] if args.quick else [256, 1024])
 
@@ -269,13 +280,18 @@ def main(argv=None) -> int:
   rows = []
   for model in args.models:
     for b in sizes:
-      for mode in args.modes:
+      runs = [(mode, None) for mode in args.modes]
+      if "ghost" in args.modes:
+        runs += [("ghost", mib) for mib in args.ghost_budgets]
+      for mode, mib in runs:
         if mode == "vmap" and b > args.skip_vmap_above:
           continue
         cmd = [sys.executable, __file__, "--child", model, mode, str(b),
                "--steps", str(steps)] + (["--quick"] if args.quick else [])
         if args.microbatch and mode != "plain":
           cmd += ["--microbatch", str(min(args.microbatch, b))]
+        if mib is not None:
+          cmd += ["--budget-mib", str(mib)]
         try:
           proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                 check=False)

@@ -28,9 +28,11 @@ METHODS = ("auto", "vmap", "ghost")
 GHOST_MEMORY_BUDGET = None
 
 #: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU smaller
-#: microbatches were faster as well as lighter (2-core CPU, B = 256, linen LSTMCell
-#: at T = 256: clipped_grad 1.67x a plain gradient at m = 256, 1.07x at m = 64, 1.06x
-#: at m = 16), so 128 MiB there (m = 64 for that model). The accelerator value is the
+#: microbatches were lighter and mostly faster: the same-run A/B of
+#: ``benchmarks/dp_cost.py --ghost-budgets 512`` (results/dp_cost-cpu-*.md, 2-core CPU,
+#: B = 256) gave ghost/plain step time 1.22x vs 1.11x (linen LSTMCell), 1.25x vs 2.36x
+#: (OptimizedLSTMCell), 0.66x vs 0.92x (nnx transformer) at 128 vs 512 MiB, and peak
+#: RSS 0.87x vs 1.43x, 0.75x vs 1.27x, 0.59x vs 0.92x. The accelerator value is the
 #: former default, not tuned by a measurement.
 DEFAULT_BUDGETS = {"cpu": 128 * 2 ** 20, "other": 512 * 2 ** 20}
 
