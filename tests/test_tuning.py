@@ -8,6 +8,7 @@ switch must really switch: the tuned CPU program has the conditional and the
 barriers that the plain one lacks.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -72,17 +73,41 @@ def _tree(dtype, scale, seed):
           "small": [mk(s) for s in SHAPES["small"]]}
 
 
-def _three_steps(name, dtype):
-  """(updates, states) of three steps of rule ``name`` (one jitted update), flat."""
-  tx = RULES[name]()
+def _three_steps_all(dtype):
+  """{rule: flat (updates, states) of its three steps}, every rule in one program.
+
+  One jitted function updates all the rules side by side (each with its own state),
+  so a dtype and a setting compile once, not once per rule; it is called three
+  times, like one rule's jitted update would be.
+  """
+  names = list(RULES)
+  txs = [RULES[n]() for n in names]
   params = _tree(dtype, 1.0, 0)
   grads = [_tree(dtype, 1.0, 1), _tree(dtype, HUGE[dtype], 2), _tree(dtype, 2.0, 3)]
-  update = jax.jit(tx.update)
-  state, out = tx.init(params), []
+
+  def update_all(g, states, p):
+    return tuple(tx.update(g, s, p) for tx, s in zip(txs, states))
+
+  update = jax.jit(update_all)  # a fresh function: traced under the current setting
+  states = tuple(tx.init(params) for tx in txs)
+  out = {n: [] for n in names}
   for g in grads:
-    u, state = update(g, state, params)
-    out.append((u, state))
-  return jax.tree.leaves(out)
+    results = update(g, states, params)
+    states = tuple(s for _, s in results)
+    for n, r in zip(names, results):
+      out[n].append(r)
+  return {n: [np.asarray(x) for x in jax.tree.leaves(o)] for n, o in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_and_plain(dtype_name):
+  """Every rule's leaves with the tuning on and off (computed once per dtype)."""
+  dtype = {jnp.dtype(d).name: d for d in HUGE}[dtype_name]
+  with config.backend_tuning_set(True):
+    tuned = _three_steps_all(dtype)
+  with config.backend_tuning_set(False):
+    plain = _three_steps_all(dtype)
+  return tuned, plain
 
 
 def _bits(x):
@@ -91,10 +116,8 @@ def _bits(x):
 
 
 def _assert_bit_identical(name, dtype):
-  with config.backend_tuning_set(True):
-    tuned = _three_steps(name, dtype)
-  with config.backend_tuning_set(False):
-    plain = _three_steps(name, dtype)
+  all_tuned, all_plain = _tuned_and_plain(jnp.dtype(dtype).name)
+  tuned, plain = all_tuned[name], all_plain[name]
   assert len(tuned) == len(plain)
   for i, (a, b) in enumerate(zip(tuned, plain)):
     assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
