@@ -1,4 +1,5 @@
 """Tests of gradclip_jax.dp: per-example clipping, noise, clipped_grad (vmap / ghost)."""
+import functools
 import math
 
 import chex
@@ -79,7 +80,7 @@ class PerExampleClipTest(chex.TestCase):
   def test_bf16_keeps_dtype_and_accumulates_f32(self):
     g = jax.tree.map(lambda x: (x * 100).astype(jnp.bfloat16), per_ex_tree(b=64))
     tx = gradclip_jax.per_example_clip(1.0)
-    out, _ = tx.update(g, tx.init(None))
+    out, _ = jax.jit(tx.update)(g, tx.init(None))
     ref, _ = np_clip_sum(jax.tree.map(lambda x: x.astype(jnp.float32), g), 1.0)
     for a, r in zip(jax.tree.leaves(out), ref):
       self.assertEqual(a.dtype, jnp.bfloat16)
@@ -88,7 +89,7 @@ class PerExampleClipTest(chex.TestCase):
   def test_inf_threshold_is_plain_sum(self):
     g = per_ex_tree()
     tx = gradclip_jax.per_example_clip(math.inf)
-    out, st = tx.update(g, tx.init(None))
+    out, st = jax.jit(tx.update)(g, tx.init(None))
     for a, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
       np.testing.assert_allclose(a, x.sum(0), rtol=1e-6)
     self.assertEqual(int(st.num_clipped), 0)
@@ -155,7 +156,7 @@ class PerExampleClipTest(chex.TestCase):
       g = {"w": jnp.asarray(x, jnp.float64), "s": jnp.asarray(x[:, 0, 0], jnp.float64)}
       for per_layer in (False, True):
         tx = gradclip_jax.per_example_clip(0.7, per_layer=per_layer)
-        out, _ = tx.update(g, tx.init(None))
+        out, _ = jax.jit(tx.update)(g, tx.init(None))
         self.assertEqual(out["w"].dtype, jnp.float64)
         if not per_layer:
           ref, _ = np_clip_sum(g, 0.7)
@@ -166,14 +167,14 @@ class PerExampleClipTest(chex.TestCase):
             ref, _ = np_clip_sum([g[k]], 0.7 / math.sqrt(2))
             np.testing.assert_allclose(out[k], ref[0], rtol=1e-12, atol=1e-14)
       noise = gradclip_jax.add_noise(1.0, 1.0, 0)
-      noisy, _ = noise.update(g, noise.init(g))
+      noisy, _ = jax.jit(noise.update)(g, noise.init(g))
       self.assertEqual(noisy["w"].dtype, jnp.float64)
 
   def test_norm_overflow_is_clipped_not_dropped(self):
     # each entry is finite but the squared norm overflows float32: still clipped.
     g = {"a": jnp.full((2, 4), 3e19, jnp.float32), "b": jnp.ones((2, 3), jnp.float32)}
     tx = gradclip_jax.per_example_clip(1.0)
-    out, st = tx.update(g, tx.init(None))
+    out, st = jax.jit(tx.update)(g, tx.init(None))
     self.assertEqual(int(st.num_nonfinite), 0)
     np.testing.assert_allclose(out["a"], np.full(4, 2 * 0.5), rtol=1e-5)
     np.testing.assert_allclose(out["b"], np.zeros(3), atol=1e-6)
@@ -263,15 +264,6 @@ class MLP(nn.Module):
     return nn.Dense(3)(x)
 
 
-class ConvNet(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3))(x))
-    x = nn.Conv(5, (3,), strides=2, use_bias=False)(x.reshape(x.shape[0], -1, 4))
-    return nn.Dense(3)(x.reshape(x.shape[0], -1))
-
-
 class RNNClassifier(nn.Module):
 
   @nn.compact
@@ -315,31 +307,29 @@ def _data(b=6, t=7, seed=0):
   return tok, lengths, jnp.asarray(rng.integers(0, 2, size=b))
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(name, b=6):
+  """(loss_fn, params, batch) of a model, built once (init jitted: one compile)."""
   rng = np.random.default_rng(1)
   y = jnp.asarray(rng.integers(0, 3, size=b))
   if name == "mlp":
     m, x = MLP(), jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
-    p = m.init(KEY, x)
-    return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
-  if name == "conv":
-    m, x = ConvNet(), jnp.asarray(rng.normal(size=(b, 8, 8, 2)), jnp.float32)
-    p = m.init(KEY, x)
+    p = jax.jit(m.init)(KEY, x)
     return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
   if name == "rnn_cls":
     tok, lengths, y2 = _data(b)
     m = RNNClassifier()
-    p = m.init(KEY, tok, lengths)
+    p = jax.jit(m.init)(KEY, tok, lengths)
     return (lambda p, t, l, y: ce(m.apply(p, t, l), y)), p, (tok, lengths, y2)
   if name == "lm":
     tok = jnp.asarray(rng.integers(0, 30, size=(b, 7)))
     m = LSTMLM()
-    p = m.init(KEY, tok)
+    p = jax.jit(m.init)(KEY, tok)
     # one loss per sequence: the mean over its tokens.
     return (lambda p, t: ce(m.apply(p, t)[:, :-1], t[:, 1:]).mean(-1)), p, (tok,)
   if name == "mixed":
     m, x = Mixed(), jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
-    p = m.init(KEY, x)
+    p = jax.jit(m.init)(KEY, x)
     return (lambda p, x, y: ce(m.apply(p, x), y)), p, (x, y)
   raise ValueError(name)
 
@@ -351,13 +341,21 @@ def tree_rel(a, b):
   return math.sqrt(num / max(den, 1e-30))
 
 
-def both(loss_fn, params, batch, max_norm=1.0, **kw):
-  out = {}
-  for m in ("vmap", "ghost"):
-    f = jax.jit(dp.clipped_grad(loss_fn, max_norm=max_norm, method=m,
-                                return_norms=True, **kw))
-    out[m] = f(params, *batch)
-  return out
+_JITTED = {}  # one jitted clipped_grad per (loss_fn, method, max_norm, options)
+
+
+def jitted(loss_fn, method, max_norm, **kw):
+  """jax.jit(clipped_grad(..., return_norms=True)), built once per configuration, so
+  tests that share a model (_setup is cached) share its compiled programs."""
+  key = (loss_fn, method, max_norm, tuple(sorted(kw.items())))
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(dp.clipped_grad(loss_fn, max_norm=max_norm, method=method,
+                                           return_norms=True, **kw))
+  return _JITTED[key]
+
+
+def both(loss_fn, params, batch, max_norm=1.0, methods=("vmap", "ghost"), **kw):
+  return {m: jitted(loss_fn, m, max_norm, **kw)(params, *batch) for m in methods}
 
 
 # ---------------------------------------------------------------- clipped_grad
@@ -365,10 +363,9 @@ def both(loss_fn, params, batch, max_norm=1.0, **kw):
 
 def test_vmap_matches_per_example_clip():
   loss_fn, p, batch = _setup("mlp")
-  g, norms = dp.clipped_grad(loss_fn, max_norm=0.5, method="vmap",
-                             return_norms=True)(p, *batch)
-  pe = jax.vmap(jax.grad(lambda p, x, y: loss_fn(p, x[None], y[None])[0]),
-                in_axes=(None, 0, 0))(p, *batch)
+  g, norms = jitted(loss_fn, "vmap", 0.5)(p, *batch)
+  pe = jax.jit(jax.vmap(jax.grad(lambda p, x, y: loss_fn(p, x[None], y[None])[0]),
+                        in_axes=(None, 0, 0)))(p, *batch)
   ref, ref_norms = np_clip_sum(pe, 0.5)
   np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
   for a, r in zip(jax.tree.leaves(g), ref):
@@ -378,7 +375,7 @@ def test_vmap_matches_per_example_clip():
 def test_vmap_microbatch_normalize_aux():
   loss_fn, p, batch = _setup("mlp")
   aux_fn = lambda p, x, y: (loss_fn(p, x, y), {"n": jnp.sum(y)})
-  full = dp.clipped_grad(loss_fn, max_norm=0.5, method="vmap")(p, *batch)
+  full = jitted(loss_fn, "vmap", 0.5)(p, *batch)[0]
   g, norms, aux = jax.jit(dp.clipped_grad(aux_fn, max_norm=0.5, method="vmap",
                                           microbatch_size=2, normalize_by=6.0,
                                           has_aux=True, return_norms=True))(p, *batch)
@@ -394,7 +391,9 @@ def test_vmap_microbatch_normalize_aux():
     dp.clipped_grad(loss_fn, max_norm=1.0, method="nope")
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "rnn_cls", "lm", "mixed"])
+# Convolutions (2-D and 1-D, strided, dilated, grouped) are checked in
+# test_ghost_models.py (exact against a vmap reference, and their coverage).
+@pytest.mark.parametrize("name", ["mlp", "rnn_cls", "lm", "mixed"])
 def test_ghost_matches_vmap(name):
   loss_fn, p, batch = _setup(name)
   out = both(loss_fn, p, batch, max_norm=0.3)
@@ -422,10 +421,6 @@ def test_coverage_report():
   assert cov["params/LSTMCell_0/ii/kernel"].startswith("dot_general")
   assert cov["params/Dense_0/kernel"].startswith("dot_general")
   assert not _fallbacks(cov), cov
-  cov = dp.ghost_coverage(*_setup("conv")[:2], *_setup("conv")[2])
-  assert cov["params/Conv_0/kernel"].startswith("conv_general_dilated")
-  assert cov["params/Conv_1/kernel"].startswith("conv_general_dilated")
-  assert not _fallbacks(cov), cov
   cov = dp.ghost_coverage(*_setup("mlp")[:2], *_setup("mlp")[2])
   assert cov["params/LayerNorm_0/scale"].startswith("elementwise")
   assert not _fallbacks(cov), cov
@@ -433,7 +428,7 @@ def test_coverage_report():
 
 def test_padding_steps_do_not_count():
   loss_fn, p, (tok, lengths, y) = _setup("rnn_cls")
-  f = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.3, method="ghost", return_norms=True))
+  f = jitted(loss_fn, "ghost", 0.3)
   g1, n1 = f(p, tok, lengths, y)
   pad = jnp.arange(tok.shape[1])[None] >= lengths[:, None]
   tok2 = jnp.where(pad, 7, tok)  # garbage in the padded positions
@@ -446,7 +441,7 @@ def test_ghost_microbatch_and_auto():
   loss_fn, p, batch = _setup("rnn_cls")
   g, n = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.3, method="auto",
                                  microbatch_size=3, return_norms=True))(p, *batch)
-  ref = both(loss_fn, p, batch, max_norm=0.3)["vmap"]
+  ref = both(loss_fn, p, batch, max_norm=0.3, methods=("vmap",))["vmap"]
   np.testing.assert_allclose(n, ref[1], rtol=1e-5)
   assert tree_rel(ref[0], g) < 1e-5
   # A plain function of a bare array: auto handles it too.
@@ -465,7 +460,7 @@ def test_project_lstm_classifier():
   tok, lengths, y = _data(4, 9)
   tok = tok % 40
   mask = jnp.arange(9)[None] < lengths[:, None]
-  p = m.init(KEY, tok, mask)
+  p = jax.jit(m.init)(KEY, tok, mask)
   lf = lambda p, t, mk, y: ce(m.apply(p, t, mk), y)
   cov = dp.ghost_coverage(lf, p, tok, mask, y)
   assert cov["params/embed/embedding"].startswith("gather")
@@ -488,8 +483,8 @@ def test_edge_zero_example_inf_threshold_batch_one():
   np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
   assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
   # max_norm = inf: the plain gradient of the summed loss.
-  g = dp.clipped_grad(loss_fn, max_norm=math.inf, method="ghost")(p, x, y)
-  ref = jax.grad(lambda p: loss_fn(p, x, y).sum())(p)
+  g, _ = jitted(loss_fn, "ghost", math.inf)(p, x, y)
+  ref = jax.jit(jax.grad(lambda p: loss_fn(p, x, y).sum()))(p)
   assert tree_rel(ref, g) < 1e-5
   # batch size 1
   out = both(loss_fn, p, (x[:1], y[:1]), max_norm=0.5)
@@ -497,7 +492,9 @@ def test_edge_zero_example_inf_threshold_batch_one():
   assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["mlp", "rnn_cls"])
+# A NaN loss in a recurrent model (lax.scan): test_ghost_models.py's
+# test_nan_loss_contributes_zero[plain_jax].
+@pytest.mark.parametrize("name", ["mlp"])
 def test_edge_nan_example(name):
   loss_fn, p, batch = _setup(name)
   if name == "mlp":
@@ -512,7 +509,7 @@ def test_edge_nan_example(name):
     assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(g)), m
     assert not np.isfinite(n[4])
   sub = tuple(x[keep] for x in batch)
-  ref = both(loss_fn, p, sub, max_norm=0.3)["vmap"][0]
+  ref = both(loss_fn, p, sub, max_norm=0.3, methods=("vmap",))["vmap"][0]
   assert tree_rel(ref, out["ghost"][0]) < 1e-5
   assert tree_rel(ref, out["vmap"][0]) < 1e-5
 
@@ -530,12 +527,12 @@ def test_refuses_batchnorm():
 
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)
   m = BN()
-  v = m.init(KEY, x)
+  v = jax.jit(m.init)(KEY, x)
   lf = lambda p, x: m.apply({**v, "params": p}, x, mutable=["batch_stats"])[0].sum(-1)
   with pytest.raises(ValueError):
     dp.clipped_grad(lf, max_norm=1.0, method="ghost")(v["params"], x)
   # vmap computes it (each example normalised on its own: a different function).
-  g = dp.clipped_grad(lf, max_norm=1.0, method="vmap")(v["params"], x)
+  g = jax.jit(dp.clipped_grad(lf, max_norm=1.0, method="vmap"))(v["params"], x)
   assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(g))
 
 
@@ -550,7 +547,7 @@ def test_tied_embedding_exact():
 
   t = jnp.asarray(np.random.default_rng(2).integers(0, 10, size=(3, 5)))
   m2 = Tied()
-  p2 = m2.init(KEY, t)
+  p2 = jax.jit(m2.init)(KEY, t)
   lf2 = lambda p, t: ce(m2.apply(p, t)[:, :-1], t[:, 1:]).mean(-1)
   out = both(lf2, p2, (t,), max_norm=0.2)
   np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
@@ -610,7 +607,9 @@ def test_train_step_snippet():
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p2))
 
 
-@pytest.mark.parametrize("num_steps", [5, 4])
+# num_steps == batch size is the case that can go wrong (a T != B control would pass
+# with a shape-guessing bug, and adds nothing that this case does not check).
+@pytest.mark.parametrize("num_steps", [4])
 def test_project_ptb_model_time_major_with_steps_equal_to_batch(num_steps):
   # The PTB model runs its LSTM time-major: with num_steps == batch size (4) the
   # time axis has the batch's size, and must not be taken for the batch axis.
