@@ -17,6 +17,8 @@ from gradclip_jax.training import cli, clip, mesh
 from gradclip_jax.training.metrics import MetricsWriter
 from gradclip_jax.training.ptb import configs, input_pipeline, models, train
 
+from conftest import PTB_REFERENCE_FLAGS, ptb_argv  # pylint: disable=C0411
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -318,21 +320,12 @@ def test_train_step_every_rule(rule):
 
 
 # ---------------------------------------------------------------------------
-# CLI runs on a slice of the real data (test config).
+# CLI runs on a slice of the real data (test config: conftest.ptb_argv).
 # ---------------------------------------------------------------------------
-
-SMOKE_TOKENS = 10000  # 249 windows per epoch with the test config
 
 
 def _run(data_dir, workdir, *extra):
-  # One device unless a test asks for more: XLA's in-process all-reduce needs every
-  # virtual device's thread at the rendezvous, and with 5 of them on a 2-core machine a
-  # starved thread can hit XLA's 40 s rendezvous timeout, which aborts the process.
-  devices = [] if "--num-devices" in extra else ["--num-devices", "1"]
-  argv = ["ptb", "--config", "test", "--data-dir", str(data_dir / "ptb"),
-          "--workdir", str(workdir), "--max-tokens", str(SMOKE_TOKENS), "--no-progress",
-          *devices, *extra]
-  assert cli.main(argv) == 0
+  assert cli.main(ptb_argv(data_dir, workdir, *extra)) == 0
   return MetricsWriter.read(workdir)
 
 
@@ -340,12 +333,11 @@ def _without_timing(records):
   return [{k: v for k, v in r.items() if k != "wps"} for r in records]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(shared_data_dir, tmp_path_factory):
-  """Two epochs of the test config, checkpointing every 100 steps."""
-  workdir = tmp_path_factory.mktemp("smoke")
-  return shared_data_dir, _run(shared_data_dir, workdir, "--max-epochs", "2",
-                               "--checkpoint-every", "100")
+@pytest.fixture
+def smoke_run(ptb_reference):
+  """Two epochs of the test config, checkpointing every 100 steps (conftest's
+  ``ptb_reference``, shared with test_cli's SIGTERM test)."""
+  return ptb_reference
 
 
 def test_smoke_perplexity_falls(smoke_run):
@@ -370,12 +362,11 @@ def test_mixed_precision_smoke_run(shared_data_dir, tmp_path):
 
 def test_max_steps_then_resume_is_exact(smoke_run, tmp_path):
   data_dir, reference = smoke_run
-  partial = _run(data_dir, tmp_path, "--max-epochs", "2", "--checkpoint-every", "100",
-                 "--max-steps", "300")  # stops mid epoch 2
+  partial = _run(data_dir, tmp_path, *PTB_REFERENCE_FLAGS, "--max-steps", "300")
+  # stopped mid epoch 2
   assert partial[-1]["partial"] and partial[-1]["epoch"] == 2
   assert _without_timing(partial[:1]) == _without_timing(reference[:1])
-  resumed = _run(data_dir, tmp_path, "--max-epochs", "2", "--checkpoint-every", "100",
-                 "--resume")
+  resumed = _run(data_dir, tmp_path, *PTB_REFERENCE_FLAGS, "--resume")
   assert _without_timing(resumed) == _without_timing(reference)
 
 
@@ -395,10 +386,8 @@ def test_kill_and_resume_is_exact(smoke_run, tmp_path):
   data_dir, reference = smoke_run
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.Popen(
-      [sys.executable, "-m", "gradclip_jax.training.cli", "ptb", "--config", "test",
-       "--data-dir", str(data_dir / "ptb"), "--workdir", str(tmp_path),
-       "--max-tokens", str(SMOKE_TOKENS), "--no-progress", "--max-epochs", "2",
-       "--checkpoint-every", "100", "--num-devices", "1"],
+      [sys.executable, "-m", "gradclip_jax.training.cli",
+       *ptb_argv(data_dir, tmp_path, *PTB_REFERENCE_FLAGS)],
       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = tmp_path / "checkpoints"
   deadline = time.time() + 300
@@ -410,8 +399,7 @@ def test_kill_and_resume_is_exact(smoke_run, tmp_path):
     pytest.skip("the run finished before it could be killed")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  resumed = _run(data_dir, tmp_path, "--max-epochs", "2", "--checkpoint-every", "100",
-                 "--resume")
+  resumed = _run(data_dir, tmp_path, *PTB_REFERENCE_FLAGS, "--resume")
   assert _without_timing(resumed) == _without_timing(reference)
 
 
