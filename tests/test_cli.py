@@ -20,14 +20,15 @@ from gradclip_jax.training import cli
 from gradclip_jax.training.classify import train as classify_train
 from gradclip_jax.training.metrics import MetricsWriter
 
+from conftest import PTB_TOKENS, mr_resume_argv, ptb_argv  # pylint: disable=C0411
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PTB_TOKENS = "10000"  # 249 windows of the test config per epoch
 
 
 def _ptb_args(data_dir, workdir, *extra):
   return ["ptb", "--config", "test", "--data-dir", str(data_dir / "ptb"), "--workdir",
-          str(workdir), "--max-tokens", PTB_TOKENS, "--no-progress", "--num-devices", "1",
-          *extra]
+          str(workdir), "--max-tokens", str(PTB_TOKENS), "--no-progress", "--num-devices",
+          "1", *extra]
 
 
 def _mr_args(data_dir, workdir, cache_dir, *extra):
@@ -53,9 +54,11 @@ def _env():
   return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("cli_cache")
+def _env_of_this_process():
+  """``_env()`` with this process's devices (conftest's 8 virtual CPUs): the programs a
+  ``--num-devices 1`` run compiles are then those of the in-process runs, which the
+  session's compilation cache (conftest) already holds."""
+  return dict(_env(), XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
 
 
 # ---------------------------------------------------------------------------
@@ -206,12 +209,16 @@ def test_reused_workdir_is_refused_for_imdb_before_loading(shared_data_dir, tmp_
 # ---------------------------------------------------------------------------
 
 
-def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shared_data_dir, tmp_path):
-  ref, cut = tmp_path / "ref", tmp_path / "cut"
-  argv = _ptb_args(shared_data_dir, cut, "--max-epochs", "1", "--checkpoint-every", "0")
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(ptb_reference, tmp_path):
+  """SIGTERM after the first step: a checkpoint, exit 143, and ``--resume`` ends with the
+  records of conftest's uninterrupted reference run (the same two epochs; its checkpoints
+  every 100 steps leave no trace in the records)."""
+  data_dir, reference = ptb_reference
+  cut = tmp_path / "cut"
+  argv = ptb_argv(data_dir, cut, "--max-epochs", "2", "--checkpoint-every", "0")
   proc = subprocess.Popen([sys.executable, "-m", "gradclip_jax.training.cli", *argv],
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          env=_env_of_this_process(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:  # "step 1: compiled and ran in ...": a step is done
     if line.startswith("step "):
       proc.send_signal(signal.SIGTERM)
@@ -220,15 +227,13 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shared_data_dir, 
   assert proc.returncode == 143, err
   assert "Traceback" not in err
   saved = [p.name for p in (cut / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(saved) == 1 and 1 <= int(saved[0]) < 249  # inside the epoch
+  assert len(saved) == 1 and 1 <= int(saved[0]) < 249  # inside the first epoch
   assert err.strip().splitlines()[-1] == (
       f"gradclip ptb: SIGTERM: checkpoint saved at step {saved[0]} in {cut}; continue "
       f"with: gradclip {' '.join(argv)} --resume")
   assert "Test ppl" not in out
   assert cli.main(argv + ["--resume"]) == 0
-  assert cli.main(_ptb_args(shared_data_dir, ref, "--max-epochs", "1",
-                            "--checkpoint-every", "0")) == 0
-  resumed, reference = MetricsWriter.read(cut), MetricsWriter.read(ref)
+  resumed = MetricsWriter.read(cut)
   assert [set(r) for r in resumed] == [set(r) for r in reference]
   assert _without_timing(resumed) == _without_timing(reference)
   assert "test_ppl" in resumed[-1]
@@ -239,7 +244,8 @@ def test_second_signal_exits_at_once(shared_data_dir, tmp_path):
   proc = subprocess.Popen(
       [sys.executable, "-m", "gradclip_jax.training.cli",
        *_ptb_args(shared_data_dir, tmp_path, "--max-epochs", "50")],
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=_env_of_this_process(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
   for line in proc.stdout:
     if line.startswith("step "):
       proc.send_signal(signal.SIGINT)
@@ -252,11 +258,10 @@ def test_second_signal_exits_at_once(shared_data_dir, tmp_path):
 
 
 def test_sigint_in_classify_then_resume_matches(shared_data_dir, tmp_path, cache_dir,
-                                                monkeypatch, capsys):
-  """Ctrl-C (SIGINT to this process) after the 6th of 8 steps: saved at 6, resumed."""
-  ref, cut = tmp_path / "ref", tmp_path / "cut"
-  base = ["--max-epochs", "2", "--set", "dropout=0.2", "--set", "ema_decay=0.9"]
-  assert cli.main(_mr_args(shared_data_dir, ref, cache_dir, *base)) == 0
+                                                mr_reference, monkeypatch, capsys):
+  """Ctrl-C (SIGINT to this process) after the 6th of 8 steps: saved at 6, resumed to
+  the records of conftest's uninterrupted run of the same flags (``MR_RESUME_FLAGS``)."""
+  cut = tmp_path / "cut"
   make = classify_train.make_train_step
 
   def make_interrupting(*args, **kwargs):
@@ -274,15 +279,15 @@ def test_sigint_in_classify_then_resume_matches(shared_data_dir, tmp_path, cache
 
   monkeypatch.setattr(classify_train, "make_train_step", make_interrupting)
   capsys.readouterr()
-  assert cli.main(_mr_args(shared_data_dir, cut, cache_dir, *base)) == 130
+  assert cli.main(mr_resume_argv(shared_data_dir, cache_dir, cut)) == 130
   err = capsys.readouterr().err
   assert "SIGINT: checkpoint saved at step 6" in err and "--resume" in err
   monkeypatch.setattr(classify_train, "make_train_step", make)
-  assert cli.main(_mr_args(shared_data_dir, cut, cache_dir, *base, "--resume")) == 0
+  assert cli.main(mr_resume_argv(shared_data_dir, cache_dir, cut, "--resume")) == 0
   assert _without_timing(MetricsWriter.read(cut)) == _without_timing(
-      MetricsWriter.read(ref))
+      MetricsWriter.read(mr_reference))
   result = lambda d: json.loads((d / "results.json").read_text())
-  assert result(cut)["test_acc"] == result(ref)["test_acc"]
+  assert result(cut)["test_acc"] == result(mr_reference)["test_acc"]
 
 
 # ---------------------------------------------------------------------------
