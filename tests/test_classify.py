@@ -18,6 +18,8 @@ from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import input_pipeline as ip
 from gradclip_jax.training.classify import models
 
+from conftest import mr_resume_argv  # pylint: disable=C0411
+
 # -----------------------------------------------------------------------------------------
 # Synthetic data sets.
 # -----------------------------------------------------------------------------------------
@@ -272,11 +274,6 @@ def _run(argv: list[str]) -> int:
   return cli.main(["classify", "--no-progress", *argv])
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("classify_cache")
-
-
 def test_config_overrides():
   cfg = flags.override(configs.get_config("mr"), ["hidden_size=7", "pooling=max,mean",
                                                    "vocab_size=none", "bidirectional=0",
@@ -343,28 +340,25 @@ def test_smoke_loss_falls_on_real_data(shared_data_dir, tmp_path, cache_dir, dat
   assert 0 <= result["test_acc"] <= 1 and result["selected_epoch"] >= 1
 
 
-def test_resume_gives_identical_metrics(shared_data_dir, tmp_path, cache_dir):
-  base = ["--dataset", "mr", "--config", "smoke", "--data-dir",
-          str(shared_data_dir / "rt-polarity"), "--cache-dir", str(cache_dir),
-          "--max-epochs", "2", "--num-devices", "1", "--set", "max_examples=64",
-          "--set", "dropout=0.2", "--clip", "value", "--clip-value", "0.01",
-          "--set", "ema_decay=0.9"]  # The parameter average is checkpointed too.
-  _run(base + ["--workdir", str(tmp_path / "straight")])
+def test_resume_gives_identical_metrics(shared_data_dir, tmp_path, cache_dir, mr_reference):
+  """Stopped by --max-steps inside epoch 2, then resumed: the records and the test
+  accuracy of conftest's uninterrupted run of the same flags (``MR_RESUME_FLAGS``)."""
+  split = tmp_path / "split"
+  argv = lambda *extra: mr_resume_argv(shared_data_dir, cache_dir, split, *extra)
   # 64 examples / batch 16 = 4 steps per epoch: stop inside epoch 2, then resume.
-  _run(base + ["--workdir", str(tmp_path / "split"), "--max-steps", "6"])
-  partial = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+  assert cli.main(argv("--max-steps", "6")) == 0
+  partial = (split / "metrics.jsonl").read_text().splitlines()
   assert len(partial) == 2 and json.loads(partial[1])["partial"] is True
-  _run(base + ["--workdir", str(tmp_path / "split"), "--resume"])
-  read = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text()
-                    .splitlines()]
-  straight, resumed = read("straight"), read("split")
+  assert cli.main(argv("--resume")) == 0
+  read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  straight, resumed = read(mr_reference), read(split)
   assert len(straight) == len(resumed) == 2
   for a, b in zip(straight, resumed):
     a.pop("examples_per_s"), b.pop("examples_per_s")
     assert a == pytest.approx(b, rel=1e-6)
   assert straight[0]["clip_fraction"] > 0  # The rule was active.
-  res = lambda d: json.loads((tmp_path / d / "results.json").read_text())["test_acc"]
-  assert res("straight") == res("split")
+  res = lambda d: json.loads((d / "results.json").read_text())["test_acc"]
+  assert res(mr_reference) == res(split)
 
 
 def test_evaluate_returns_probabilities_in_the_split_order():
