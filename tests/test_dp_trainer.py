@@ -37,11 +37,6 @@ def _records(workdir):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("dp_cache")
-
-
-@pytest.fixture(scope="module")
 def target_run(shared_data_dir, cache_dir, tmp_path_factory):
   """Three epochs with the noise multiplier derived from --target-epsilon 4."""
   workdir = tmp_path_factory.mktemp("dp_target")
