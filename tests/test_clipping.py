@@ -58,6 +58,19 @@ def run(tx, g, variant=lambda f: f, params=None):
   return variant(tx.update)(g, state, params)
 
 
+def run_many(cases, variant=lambda f: f):
+  """``[run(tx, g, variant) for tx, g in cases]`` as one (variant-wrapped) call: under
+  jit one compiled program serves every case instead of one program per case."""
+  txs = [tx for tx, _ in cases]
+  gs = [g for _, g in cases]
+  states = [tx.init(g) for tx, g in cases]
+
+  def update_all(gs, states):
+    return [tx.update(g, s) for tx, g, s in zip(txs, gs, states)]
+
+  return variant(update_all)(gs, states)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -65,20 +78,21 @@ class ClipByGlobalNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_numpy_all_dtypes_and_norms(self):
-    for dtype in DTYPES:
-      for p in (1.0, 2.0, 3.0, 0.5, math.inf):
-        g = tree(dtype, scale=3.0)
-        c = 2.0
-        out, state = run(gc.clip_by_global_norm(c, norm_type=p), g, self.variant)
-        ref, n = np_clip_global(jax.tree.leaves(g), c, p)
-        tol = TOL[dtype]
-        np.testing.assert_allclose(float(state.global_norm), n, rtol=max(tol, 1e-5))
-        for o, r, x in zip(jax.tree.leaves(out), ref, jax.tree.leaves(g)):
-          self.assertEqual(o.dtype, x.dtype)
-          np.testing.assert_allclose(np.asarray(o, np.float64), r, rtol=tol * 4,
-                                     atol=tol * 4)
-        self.assertEqual(state.global_norm.dtype, jnp.float32)
-        self.assertEqual(int(state.num_clipped), 1)
+    c = 2.0
+    cases = [(dtype, p) for dtype in DTYPES for p in (1.0, 2.0, 3.0, 0.5, math.inf)]
+    results = run_many([(gc.clip_by_global_norm(c, norm_type=p), tree(dtype, scale=3.0))
+                        for dtype, p in cases], self.variant)
+    for (dtype, p), (out, state) in zip(cases, results):
+      g = tree(dtype, scale=3.0)
+      ref, n = np_clip_global(jax.tree.leaves(g), c, p)
+      tol = TOL[dtype]
+      np.testing.assert_allclose(float(state.global_norm), n, rtol=max(tol, 1e-5))
+      for o, r, x in zip(jax.tree.leaves(out), ref, jax.tree.leaves(g)):
+        self.assertEqual(o.dtype, x.dtype)
+        np.testing.assert_allclose(np.asarray(o, np.float64), r, rtol=tol * 4,
+                                   atol=tol * 4)
+      self.assertEqual(state.global_norm.dtype, jnp.float32)
+      self.assertEqual(int(state.num_clipped), 1)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_no_op_under_bound_and_counters(self):
@@ -114,9 +128,10 @@ class ClipByNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_tf_formula(self):
-    for dtype in DTYPES:
+    results = run_many([(gc.clip_by_norm(1.5), tree(dtype, scale=2.0)) for dtype in DTYPES],
+                       self.variant)
+    for dtype, (out, state) in zip(DTYPES, results):
       g = tree(dtype, scale=2.0)
-      out, state = run(gc.clip_by_norm(1.5), g, self.variant)
       for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
         self.assertEqual(o.dtype, x.dtype)
         np.testing.assert_allclose(np.asarray(o, np.float64), np_clip_norm(x, 1.5),
@@ -127,8 +142,10 @@ class ClipByNormTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_axes(self):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6, 3)) * 3, jnp.float32)
-    for axes in (None, 0, -1, (0, 1), (1, 2), [0, 2]):
-      out, _ = run(gc.clip_by_norm(1.0, axes=axes), x, self.variant)
+    all_axes = (None, 0, -1, (0, 1), (1, 2), [0, 2])
+    results = run_many([(gc.clip_by_norm(1.0, axes=axes), x) for axes in all_axes],
+                       self.variant)
+    for axes, (out, _) in zip(all_axes, results):
       ref_axes = tuple(axes) if isinstance(axes, list) else axes
       np.testing.assert_allclose(out, np_clip_norm(x, 1.0, ref_axes), rtol=1e-5,
                                  atol=1e-6)
@@ -149,9 +166,10 @@ class ClipByAverageNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_tf_v1_formula(self):
-    for dtype in DTYPES:
+    results = run_many([(gc.clip_by_average_norm(0.2), tree(dtype, scale=2.0))
+                        for dtype in DTYPES], self.variant)
+    for dtype, (out, _) in zip(DTYPES, results):
       g = tree(dtype, scale=2.0)
-      out, _ = run(gc.clip_by_average_norm(0.2), g, self.variant)
       for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
         self.assertEqual(o.dtype, x.dtype)
         np.testing.assert_allclose(np.asarray(o, np.float64), np_clip_avg(x, 0.2),
@@ -162,9 +180,10 @@ class ClipByValueTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_numpy(self):
-    for dtype in DTYPES:
+    results = run_many([(gc.clip_by_value(-0.5, 1.0), tree(dtype, scale=2.0))
+                        for dtype in DTYPES], self.variant)
+    for dtype, (out, state) in zip(DTYPES, results):
       g = tree(dtype, scale=2.0)
-      out, state = run(gc.clip_by_value(-0.5, 1.0), g, self.variant)
       for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
         self.assertEqual(o.dtype, x.dtype)
         np.testing.assert_array_equal(np.asarray(o, np.float32),
@@ -174,10 +193,11 @@ class ClipByValueTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_nan_entries_do_not_stop_the_clip(self):
     # A NaN entry used to hide the leaf's out-of-range entries from the max/min test.
-    for dtype in DTYPES:
-      x = np.array([np.nan, 5.0, -3.0, 0.25], np.float32)
-      g = {"a": jnp.asarray(x, dtype), "b": jnp.asarray([0.5, -0.5], dtype)}
-      out, state = run(gc.clip_by_value(-1.0, 1.0), g, self.variant)
+    x = np.array([np.nan, 5.0, -3.0, 0.25], np.float32)
+    gs = [{"a": jnp.asarray(x, dtype), "b": jnp.asarray([0.5, -0.5], dtype)}
+          for dtype in DTYPES]
+    for out, state in run_many([(gc.clip_by_value(-1.0, 1.0), g) for g in gs],
+                               self.variant):
       np.testing.assert_array_equal(np.asarray(out["a"], np.float32), np.clip(x, -1.0, 1.0))
       np.testing.assert_array_equal(np.asarray(out["b"], np.float32), [0.5, -0.5])
       self.assertEqual(int(state.num_clipped), 1)
