@@ -33,7 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gradclip_jax.training.errors import UsageError
 
 __all__ = ["DATA_AXIS", "MAX_AHEAD", "initialize_distributed", "num_data_devices",
-           "make_mesh", "put", "replicate", "shard_batch", "process_rows", "to_host", "pace"]
+           "make_mesh", "put", "on_one_device", "replicate", "shard_batch", "process_rows",
+           "to_host", "pace"]
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,20 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
+def on_one_device(tree: Any) -> Any:
+  """``tree`` committed to the first device (a run without a mesh).
+
+  Committed, not merely placed: ``jax.device_put(tree)`` leaves arrays uncommitted, and a
+  jitted step fed uncommitted arrays on its first call and its own (committed) outputs
+  afterwards is compiled twice.
+  """
+  return jax.device_put(tree, jax.devices()[0])
+
+
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Places every array of ``tree`` on all devices of ``mesh`` (no-op without a mesh)."""
   if mesh is None:
-    return jax.device_put(tree)
+    return on_one_device(tree)
   return put(tree, NamedSharding(mesh, P()))
 
 
@@ -148,7 +159,7 @@ def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
   its rows (:func:`process_rows`) and the result is the global array.
   """
   if mesh is None:
-    return jax.device_put(tree)
+    return on_one_device(tree)
   sharding = NamedSharding(mesh, P(DATA_AXIS))
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)

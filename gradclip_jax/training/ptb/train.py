@@ -168,7 +168,7 @@ def state_shardings(state: PTBState, mesh) -> PTBState:
 
 def place_state(state: PTBState, mesh) -> PTBState:
   if mesh is None:
-    return jax.device_put(state)
+    return mesh_lib.on_one_device(state)
   return mesh_lib.put(state, state_shardings(state, mesh))
 
 
