@@ -82,9 +82,7 @@ class DotGeneral(cm.Rule):
 
   def temp_bytes(self, use, b):
     d = use.data
-    t = positions(use, b)
-    big = t * t if _use_gram(t, d["K"], d["N"]) else d["K"] * d["N"]
-    return 4 * d["H"] * big + 4 * d["H"] * t * (d["K"] + d["N"])
+    return block_temp_bytes([d["K"]], [d["N"]], d["H"], positions(use, b))
 
   def merge_key(self, use):
     d = use.data
@@ -141,14 +139,18 @@ class DotGeneral(cm.Rule):
 
   def weighted(self, c, w, fin, wshapes):
     d = c["data"]
-    s = jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
-                   cm.mask_rows(c["g"], fin, w), precision=cm.HI)
-    return {d["wpos"]: self._layout(s, d, self._lead(c))}
+    return {d["wpos"]: self._layout(_weighted_sum(c, w, fin), d, self._lead(c))}
 
   def per_example(self, c, wshapes):
     d = c["data"]
     pe = jnp.einsum("bhtk,bhtn->bhkn", cm.f32(c["a"]), cm.f32(c["g"]), precision=cm.HI)
     return {d["wpos"]: self._layout(pe, d, self._lead(c, pe.shape[0]))}
+
+
+def _weighted_sum(c, w, fin):
+  """``sum_b w_b sum_t a_bt g_bt^T`` over the finite examples: ``[H, K, N]``."""
+  return jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
+                    cm.mask_rows(c["g"], fin, w), precision=cm.HI)
 
 
 # ------------------------------------------------ shared data operands (fused uses)
@@ -193,8 +195,7 @@ def block_sq(c):
 
 def block_weighted(c, members, w, fin):
   """``members[r][col]`` = (canon, data) -> {(r, col): sum_b w_b dW'_b} in W' layout."""
-  s = jnp.einsum("bhtk,bhtn->hkn", cm.mask_rows(c["a"], fin),
-                 cm.mask_rows(c["g"], fin, w), precision=cm.HI)
+  s = _weighted_sum(c, w, fin)
   ko = np.cumsum([0] + c["ks"])
   no = np.cumsum([0] + c["ns"])
   rule = DotGeneral()
