@@ -131,7 +131,8 @@ def on_one_device(tree: Any) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
-  """Places every array of ``tree`` on all devices of ``mesh`` (no-op without a mesh)."""
+  """Places every array of ``tree`` on all devices of ``mesh`` (without a mesh: commits
+  it to the first device, :func:`on_one_device`)."""
   if mesh is None:
     return on_one_device(tree)
   return put(tree, NamedSharding(mesh, P()))
