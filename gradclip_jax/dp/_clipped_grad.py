@@ -14,9 +14,9 @@ import numpy as np
 from gradclip_jax import _norms
 from gradclip_jax.dp import _per_example
 from gradclip_jax.dp import _trace
-from gradclip_jax.dp._rules import RULES
+from gradclip_jax.dp import _rules
+from gradclip_jax.dp._rules import REGISTRY
 from gradclip_jax.dp._rules import _common as cm
-from gradclip_jax.dp._rules import dot_general as dot_rule
 
 METHODS = ("auto", "vmap", "ghost")
 
@@ -146,58 +146,84 @@ def _vmap_core(loss_fn, has_aux, max_norm, params, batch, mask=None):
   return summed, _masked_norms(norms, mask), finite
 
 
-# --------------------------------------------------------- groups and components
+# ------------------------------------------------------------------ the structure
 
 
 @dataclasses.dataclass
-class _Group:
-  """Uses of one parameter operand W' with the same form (positions concatenated)."""
+class Group:
+  """Uses of one parameter operand W' with one rule and one merge key (positions
+  concatenated)."""
   rule: Any
   uses: list
-  ws: list                # operand positions j of the first use (its W'_j)
-  origin: frozenset       # parameter leaves the W' depend on
-  direct: bool            # every W'_j an isometric view of distinct leaves
+  origin: frozenset       # parameter leaves the W' depends on
+  direct: bool            # W' an isometric view of distinct leaves
+
+  @property
+  def key(self):
+    u0 = self.uses[0]
+    return (u0.uid, u0.p_pos[0])
 
 
 @dataclasses.dataclass
-class _Component:
-  groups: list
-  leaves: frozenset
-  direct: bool            # one group, isometric: the rule's own norm is the leaves' norm
-  name: str
-  tied: Any = None        # (gather group, dot group, rows_are_free): exact cross term
-  block: Any = None       # the _Block of fused dot_general uses it belongs to
+class Materialized:
+  """Groups whose parameters' per-example gradients are formed (leaves ``leaves``).
 
-
-@dataclasses.dataclass
-class _Block:
-  """``dot_general`` groups of different parameters that share their operands.
-
-  ``rows[r][c]`` is a group: every group of row ``r`` reads the same data rows ``a``
-  and every group of column ``c`` has the same output gradients ``g``, so the whole
-  block is one product ``[K_1 + ..., N_1 + ...]`` per example (see
-  :mod:`gradclip_jax.dp._rules.dot_general`).
+  For parameters reached through uses of different forms that have no cross term,
+  or through non-isometric parameter arithmetic: each group's per-example ``dW'``
+  (its unit's ``PER_EXAMPLE`` form) is mapped to the leaves by the VJP of the
+  parameter-only program, vmapped over the examples of a chunk.
   """
-  rows: list
-  comps: list
+  units: list
+  leaves: tuple
 
 
-def _structure(plan: _trace.Plan):
+@dataclasses.dataclass
+class Structure:
+  units: list             # exact units, each with its chosen form
+  crosses: list           # (unit_a, unit_b, fn): cross terms between exact units
+  materialized: list      # Materialized
+  names: dict             # leaf index -> ghost_coverage text
+  all_fallback: bool      # every parameter is on the fallback rule
+
+
+def choose_form(forms: dict, budget: int) -> str:
+  """The form with the fewest FLOPs among those whose bytes per example let a chunk
+  of ``MIN_CHUNK`` examples fit ``budget`` (else the one with the fewest bytes).
+
+  ``forms`` maps each form a unit can take to its ``Cost`` (extra FLOPs and bytes
+  per example, from the traced shapes; each rule's module documents them).
+  """
+  fits = {f: c for f, c in forms.items() if c.bytes * MIN_CHUNK <= budget}
+  if not fits:
+    return min(forms, key=lambda f: (forms[f].bytes, forms[f].flops))
+  return min(fits, key=lambda f: (fits[f].flops, fits[f].bytes))
+
+
+#: The fewest examples a chunk of the per-example phase should hold (see
+#: :func:`choose_form`).
+MIN_CHUNK = 8
+
+
+def _groups(plan: _trace.Plan) -> list:
   groups = {}
   for u in plan.uses:
     key = u.rule.merge_key(u)
-    key = ("use", u.uid) if key is None else key
+    key = ("use", u.uid) if key is None else (id(u.rule), key)
     if key not in groups:
-      groups[key] = _Group(u.rule, [], list(u.p_pos), frozenset(), True)
+      groups[key] = Group(u.rule, [], frozenset(), True)
     groups[key].uses.append(u)
-  groups = list(groups.values())
-  for g in groups:
+  out = list(groups.values())
+  for g in out:
     u = g.uses[0]
-    origins = [_trace.origin_of(u, j) for j in g.ws]
+    origins = [_trace.origin_of(u, j) for j in u.p_pos]
     g.origin = frozenset().union(*origins) if origins else frozenset()
-    g.direct = all(_trace.iso_of(u, j) for j in g.ws) and (
+    g.direct = all(_trace.iso_of(u, j) for j in u.p_pos) and (
         sum(len(o) for o in origins) == len(g.origin))
-  # Components: groups connected through shared parameter leaves.
+  return out
+
+
+def _components(groups) -> list:
+  """Groups connected through shared parameter leaves."""
   parent = list(range(len(groups)))
 
   def find(i):
@@ -216,103 +242,62 @@ def _structure(plan: _trace.Plan):
   comps = {}
   for gi in range(len(groups)):
     comps.setdefault(find(gi), []).append(groups[gi])
-  out = []
-  for gs in comps.values():
+  return [gs for gs in comps.values() if frozenset().union(*[g.origin for g in gs])]
+
+
+def _suffix(groups, per_parameter=False) -> str:
+  """`` (scan)`` and `` xN uses`` (the uses of one parameter when ``per_parameter``:
+  a fused unit's groups are different parameters)."""
+  uses = [u for g in groups for u in g.uses]
+  out = " (scan)" if any(u.stack for u in uses) else ""
+  n = max(len(g.uses) for g in groups) if per_parameter else len(uses)
+  return out + (f" x{n} uses" if n > 1 else "")
+
+
+def _structure(plan: _trace.Plan, budget: Optional[int] = None) -> Structure:
+  """Groups, components, units and their forms (static: from the traced program)."""
+  budget = memory_budget() if budget is None else budget
+  b = plan.b
+  free, crosses, materialized, units, names = [], [], [], [], {}
+  for gs in _components(_groups(plan)):
     leaves = frozenset().union(*[g.origin for g in gs])
-    if not leaves:
+    if len(gs) == 1 and gs[0].direct:
+      free.append(gs[0])
       continue
-    uses = [u for g in gs for u in g.uses]
-    fb = [g for g in gs if g.rule.family == "fallback"]
-    name = fb[0].rule.name(fb[0].uses[0]) if fb else gs[0].rule.name(gs[0].uses[0])
-    if any(u.stack for u in uses):
-      name += " (scan)"
-    if len(uses) > 1:
-      name += f" x{len(uses)} uses"
-    comp = _Component(gs, leaves, len(gs) == 1 and gs[0].direct, name)
-    comp.tied = _tied_pair(gs)
-    if comp.tied is not None:
-      comp.direct = True
-    out.append(comp)
-  _fuse(out)
-  return out
-
-
-def _fuse(comps):
-  """Sets ``comp.block`` for the direct dot_general groups that share operands.
-
-  Groups with the same data rows (``dot_rule.row_key`` of each use) form a row, their
-  output gradients side by side; rows whose columns have the same output gradients
-  (``dot_rule.col_key``), in the same order, stack along ``K``.
-  """
-  rows = {}
-  for c in comps:
-    if not (c.direct and c.tied is None and len(c.groups) == 1):
-      continue
-    g = c.groups[0]
-    if g.rule.family != "dot_general" or not all(dot_rule.fusable(u) for u in g.uses):
-      continue
-    rk = tuple(dot_rule.row_key(u) for u in g.uses)
-    ck = tuple(dot_rule.col_key(u) for u in g.uses)
-    rows.setdefault(rk, []).append((ck, c))
-  blocks = {}
-  for members in rows.values():
-    members.sort(key=lambda m: repr(m[0]))
-    cols = tuple(repr(ck) for ck, _ in members)
-    blocks.setdefault(cols, []).append([c for _, c in members])
-  for rws in blocks.values():
-    n = sum(len(r) for r in rws)
-    if n < 2:
-      continue
-    blk = _Block(rows=[[c.groups[0] for c in r] for r in rws],
-                 comps=[c for r in rws for c in r])
-    for c in blk.comps:
-      c.block = blk
-      c.name += f" [fused: {n} parameters on shared operands]"
-
-
-def _tied_pair(gs):
-  """(gather group, dot group, rows_are_free) for a table read by both, else None.
-
-  A 2-D table ``E [V, D]`` looked up by ``gather`` and multiplied by ``dot_general``
-  (``h @ E.T``, tied input/output embeddings): the per-example gradient is the sum of
-  the two uses' gradients, and its squared norm is ``|G_gather|^2 + |G_dot|^2 + 2
-  <G_gather, G_dot>``, the cross term computed on the looked-up rows only.
-  """
-  if len(gs) != 2 or not all(g.direct for g in gs):
-    return None
-  fam = {g.rule.family: g for g in gs}
-  if set(fam) != {"gather", "dot_general"}:
-    return None
-  ga, dg = fam["gather"], fam["dot_general"]
-  if ga.origin != dg.origin or len(ga.origin) != 1:
-    return None
-  ug, ud = ga.uses[0], dg.uses[0]
-  gi, di = ug.in_info[0], ud.in_info[ud.data["wpos"]]
-  if (gi.perm != (0, 1) or di.perm is None or len(di.perm) != 2 or ud.data["H"] != 1
-      or gi.wstack or di.wstack):
-    return None
-  wpos = ud.data["wpos"]
-  row = di.perm.index(0)  # W' dim holding the table's rows
-  (lc, rc), _ = ud.eqn.params["dimension_numbers"]
-  wc = list(rc if wpos == 1 else lc)
-  if wc == [row]:
-    return ga, dg, False
-  if wc == [1 - row]:
-    return ga, dg, True
-  return None
-
-
-def _tied_cross(cg, cd, rows_are_free):
-  """<G_gather_b, G_dot_b> per example (see ``_tied_pair``)."""
-  ids, g1 = cg["ids"], cg["g"]                    # [B, P], [B, P, D]
-  a, g = cm.f32(cd["a"][:, 0]), cm.f32(cd["g"][:, 0])  # [B, T, K], [B, T, N]
-  if rows_are_free:  # dW'_b[v] = sum_t g_t[v] a_t: a_t are D-vectors
-    m = jnp.einsum("bpd,btd->bpt", g1, a, precision=cm.HI)
-    sel = jnp.take_along_axis(g, ids[:, None, :], axis=2)  # [B, T, P]
-  else:              # dW'_b[v] = sum_t a_t[v] g_t: g_t are D-vectors
-    m = jnp.einsum("bpd,btd->bpt", g1, g, precision=cm.HI)
-    sel = jnp.take_along_axis(a, ids[:, None, :], axis=2)
-  return jnp.einsum("bpt,btp->b", m, sel, precision=cm.HI)
+    exact = None
+    if all(g.direct for g in gs) and len({g.origin for g in gs}) == 1:
+      cu = [g.rule.unit(g) for g in gs]
+      pairs = [(a, c, REGISTRY.cross(a, c)) for i, a in enumerate(cu) for c in cu[i + 1:]]
+      if all(fn is not None for _, _, fn in pairs) and all(
+          _rules.NORM in u.forms(b) for u in cu):
+        exact = cu, pairs
+    if exact is not None:
+      cu, pairs = exact
+      for u in cu:
+        u.form = _rules.NORM
+      units.extend(cu)
+      crosses.extend(pairs)
+      text = cu[0].describe(_rules.NORM) + _suffix(gs)
+    else:
+      mu = [g.rule.unit(g) for g in gs]
+      materialized.append(Materialized(mu, tuple(sorted(leaves))))
+      first = next((g for g in gs if _rules.NORM not in g.rule.unit(g).forms(b)), gs[0])
+      text = first.rule.name(first.uses[0]) + _suffix(gs)
+    for leaf in leaves:
+      names[leaf] = text
+  by_rule = {}
+  for g in free:
+    by_rule.setdefault(id(g.rule), (g.rule, []))[1].append(g)
+  for rule, gs in by_rule.values():
+    for unit in rule.units(gs):
+      unit.form = choose_form(unit.forms(b), budget)
+      units.append(unit)
+      text = unit.describe(unit.form) + _suffix(unit.groups, True) + unit.suffix()
+      for g in unit.groups:
+        for leaf in g.origin:
+          names[leaf] = text
+  all_fb = all(g.rule is REGISTRY.fallback for g in _groups(plan))
+  return Structure(units, crosses, materialized, names, all_fb)
 
 
 def _plan(loss_fn, has_aux, params, batch):
@@ -323,72 +308,119 @@ def _plan(loss_fn, has_aux, params, batch):
     _check_losses(losses, _batch_size(bt))
     return losses, aux
 
-  return _trace.analyse(fn, params, batch, b, RULES), b
+  return _trace.analyse(fn, params, batch, b, REGISTRY), b
 
 
-def _coverage_names(plan, comps) -> dict:
-  names = {}
-  for c in comps:
-    for leaf in c.leaves:
-      names[leaf] = c.name
-  return names
-
-
-# ------------------------------------------------------------------ ghost method
+# ------------------------------------------------------------------ memory policy
 
 
 def _nbytes(aval, steps=1) -> int:
   return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize * steps
 
 
-def extra_bytes_per_example(plan, comps) -> int:
-  """Estimated extra bytes per example of the ghost method over a plain step.
-
-  The probe gradients (stacked over the steps inside scans), the largest temporary of
-  one rule (Gram matrices, per-example weight gradients, canonical copies), and the
-  per-example gradients of the parameters on the per-example path.
-  """
-  b = plan.b
+def probe_bytes_per_example(plan) -> int:
+  """Bytes per example of the probe gradients (stacked over the steps of scans)."""
   total = 0
   for aval, stack in plan.top.probe_avals.values():
-    total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1) // b
-  # The recorded operands are values the backward pass keeps anyway (residuals);
-  # the rules' temporaries come and go, so only the largest counts.
-  temps = [u.rule.temp_bytes(u, b) for u in plan.uses]
-  for blk in {id(c.block): c.block for c in comps if c.block is not None}.values():
-    r0 = [g.uses[0] for g in blk.rows[0]]
-    temps.append(dot_rule.block_temp_bytes(
-        [r[0].uses[0].data["K"] for r in blk.rows], [u.data["N"] for u in r0],
-        r0[0].data["H"], sum(dot_rule.positions(u, b) for u in blk.rows[0][0].uses)))
-  temp = max(temps or [0])
-  total += temp
-  for c in comps:
-    if not c.direct:
-      total += 4 * sum(int(np.prod(plan.param_avals[i].shape, dtype=np.int64))
-                       for i in c.leaves)
-  return total
+    total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1)
+  return total // plan.b
 
 
-def auto_microbatch(plan, comps, budget=None) -> int:
-  """The largest divisor m of B with m * extra_bytes_per_example <= the budget."""
-  if budget is None:
-    budget = memory_budget()
-  per = max(extra_bytes_per_example(plan, comps), 1)
+def chunk_bytes_per_example(plan, st: Structure) -> int:
+  """Bytes per example held at once in a chunk of the norm phase: the per-example
+  gradients kept for reuse, the largest norm-form temporary, and the per-example
+  gradients of the materialized parameters."""
   b = plan.b
-  for m in range(b, 0, -1):
-    if b % m == 0 and m * per <= budget:
+  keep = sum(u.forms(b)[_rules.PER_EXAMPLE].bytes for u in st.units
+             if u.form == _rules.PER_EXAMPLE)
+  temp = max([u.forms(b)[_rules.NORM].bytes for u in st.units if u.form == _rules.NORM]
+             or [0])
+  for m in st.materialized:
+    keep += sum(u.forms(b)[_rules.PER_EXAMPLE].bytes for u in m.units)
+    keep += 4 * sum(int(np.prod(plan.param_avals[i].shape, dtype=np.int64))
+                    for i in m.leaves)
+  return keep + temp
+
+
+def extra_bytes_per_example(plan, st: Structure) -> int:
+  """Estimated extra bytes per example of the ghost method over a plain step."""
+  return probe_bytes_per_example(plan) + chunk_bytes_per_example(plan, st)
+
+
+def _largest_divisor(n: int, per: int, budget: int) -> int:
+  per = max(per, 1)
+  for m in range(n, 0, -1):
+    if n % m == 0 and m * per <= budget:
       return m
   return 1
 
 
+def auto_microbatch(plan, st: Structure, budget=None) -> int:
+  """Examples per pass of the model: the largest divisor ``m`` of ``B`` whose probe
+  gradients fit the budget (``m * probe_bytes_per_example <= budget``)."""
+  budget = memory_budget() if budget is None else budget
+  return _largest_divisor(plan.b, probe_bytes_per_example(plan), budget)
+
+
+def chunk_size(plan, st: Structure, budget=None) -> int:
+  """Examples per chunk of the norm phase: the largest divisor of ``B`` whose
+  per-example temporaries fit the budget."""
+  budget = memory_budget() if budget is None else budget
+  return _largest_divisor(plan.b, chunk_bytes_per_example(plan, st), budget)
+
+
+# ------------------------------------------------------------------ ghost method
+
+
+def _wide_vjp(vjp_fn, cts, dtypes):
+  """``vjp_fn`` applied to float32-or-wider cotangents of values of ``dtypes``.
+
+  A VJP takes cotangents in its outputs' dtypes; for a parameter stored in float32
+  and read in bfloat16/float16 that would round the clipped sum to 16 bits before it
+  reaches the parameter. The map is linear, so the cotangent is split into three
+  parts exact in the narrow dtype (after a power-of-two scale that keeps float16 in
+  range), each mapped, and the results added in the parameters' dtypes.
+  """
+  narrow = [jnp.finfo(d).bits < jnp.finfo(c.dtype).bits
+            if jnp.issubdtype(d, jnp.floating) and jnp.issubdtype(c.dtype, jnp.floating)
+            else False for c, d in zip(cts, dtypes)]
+  if not any(narrow):
+    return vjp_fn([c.astype(d) for c, d in zip(cts, dtypes)])
+  wide = vjp_fn([jnp.zeros(c.shape, d) if n else c.astype(d)
+                 for c, d, n in zip(cts, dtypes, narrow)])
+  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(c)) for c, n in zip(cts, narrow) if n]))
+  scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(peak > 0, peak, 1.0))))
+  rest = [c / scale.astype(c.dtype) if n else None for c, n in zip(cts, narrow)]
+  out = wide
+  for _ in range(3):
+    part = [r.astype(d) if n else jnp.zeros(c.shape, d)
+            for r, c, d, n in zip(rest, cts, dtypes, narrow)]
+    got = vjp_fn(part)
+    out = jax.tree.map(lambda o, x: o + (x * scale.astype(x.dtype)).astype(o.dtype),
+                       out, got)
+    rest = [r - p.astype(r.dtype) if n else None for r, p, n in zip(rest, part, narrow)]
+  return out
+
+
+def _chunks(tree, n):
+  """Every leaf ``[B, ...]`` -> ``[n, B / n, ...]``."""
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+
+
+def _row_sum(x, w, fin):
+  """``sum_b w_b x_b`` over the kept examples (``fin``), float32 or wider."""
+  return jnp.sum(cm.mask_rows(x, fin, w), axis=0)
+
+
 def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None,
                 mask=None):
-  """(f32 clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
+  """(clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
   if plan is None:
-    plan, b = _plan(loss_fn, has_aux, params, batch)
+    plan, _ = _plan(loss_fn, has_aux, params, batch)
   b = plan.b
-  comps = _structure(plan)
-  if auto and not any(not c.name.startswith("fallback") for c in comps):
+  budget = memory_budget()
+  st = _structure(plan, budget)
+  if auto and st.all_fallback:
     raise _trace.Unsupported("no parameter gets an exact ghost rule")
   p_flat, p_tree = jax.tree.flatten(params)
   b_flat = jax.tree.leaves(batch)
@@ -405,115 +437,139 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   aux = jax.tree.unflatten(plan.out_tree, outs)[1]
   views = _trace.run_views(plan, p_flat)
 
-  def use_arrays(u):
-    recs = {j: records[u.rec_key[j]] for j in u.rec_pos if u.rec_key[j] in records}
-    gs = {k: g_probe[u.probe_key[k]] for k in u.probe_pos}
-    vw = {j: views[(u.uid, j)] for j in u.p_pos}
-    return recs, gs, vw
+  def group_canon(g):
+    parts = []
+    for u in g.uses:
+      recs = {j: records[u.rec_key[j]] for j in u.rec_pos if u.rec_key[j] in records}
+      gs = {k: g_probe[u.probe_key[k]] for k in u.probe_pos}
+      parts.append(u.rule.canon(u, recs, gs, views, b))
+    return g.rule.concat(parts)
 
-  canons = {}
-  for c in comps:
-    for g in c.groups:
-      parts = []
-      for u in g.uses:
-        recs, gs, vw = use_arrays(u)
-        if u.rule.family in ("fallback", "conv_general_dilated"):
-          parts.append(u.rule.canon(u, recs, gs, b, views=vw))
-        else:
-          parts.append(u.rule.canon(u, recs, [gs[k] for k in u.probe_pos], b, views=vw))
-      if len(parts) > 1 and u.rule.family in ("fallback", "conv_general_dilated"):
-        pe = {}
-        for p in parts:
-          for j, x in p["pe"].items():
-            pe[j] = pe[j] + x if j in pe else x
-        canons[id(g)] = {"pe": pe}
-      else:
-        canons[id(g)] = g.rule.concat(parts)
+  def unit_canon(unit):
+    return unit.canon([group_canon(g) for g in unit.groups])
 
-  blocks = list({id(c.block): c.block for c in comps if c.block is not None}.values())
-  block_canons = [dot_rule.block_canon([[canons[id(g)] for g in row] for row in blk.rows])
-                  for blk in blocks]
-  sq = jnp.zeros((b,), jnp.float32)
-  for bc in block_canons:
-    sq = sq + dot_rule.block_sq(bc)
-  materialised = []  # (component, {leaf: [B, ...] per-example grads})
-  for c in comps:
-    if c.block is not None:
-      continue
-    if c.tied is not None:
-      ga, dg, free = c.tied
-      cga, cdg = canons[id(ga)], canons[id(dg)]
-      sq = sq + ga.rule.sq(cga) + dg.rule.sq(cdg) + 2.0 * _tied_cross(cga, cdg, free)
-      continue
-    if c.direct:
-      g = c.groups[0]
-      sq = sq + g.rule.sq(canons[id(g)])
-      continue
-    leaves = sorted(c.leaves)
-    pe_w = {}
-    for g in c.groups:
-      u0 = g.uses[0]
-      for j, x in g.rule.per_example(canons[id(g)], None).items():
-        pe_w[(u0.uid, j)] = x
-    keys = list(pe_w)
+  units = st.units
+  canons = [unit_canon(u) for u in units]
+  mats = [[unit_canon(u) for u in m.units] for m in st.materialized]
+  cross_idx = [(units.index(a), units.index(c), fn) for a, c, fn in st.crosses]
+  ok = _kept(losses, mask)
 
-    def comp_views(sub, leaves=leaves, keys=keys):
+  # Per-example gradients of the materialized parameters: the VJP of the
+  # parameter-only program from each group's dW' to the leaves.
+  mat_vjps = []
+  for m in st.materialized:
+    keys = [k for u in m.units for k in _unit_keys(u)]
+    leaves = list(m.leaves)
+
+    def sub_views(sub, leaves=leaves, keys=keys):
       full = list(p_flat)
       for i, x in zip(leaves, sub):
         full[i] = x
       vw = _trace.run_views(plan, full)
       return [vw[k] for k in keys]
 
-    sub0 = [p_flat[i] for i in leaves]
-    _, cvjp = jax.vjp(comp_views, sub0)
-    per_leaf = jax.vmap(lambda cts, cvjp=cvjp: cvjp(cts)[0])(
-        [pe_w[k].astype(jnp.result_type(views[k])) for k in keys])
-    per_leaf = dict(zip(leaves, per_leaf))
-    for x in per_leaf.values():
-      sq = sq + cm.per_example_sq(x)
-    materialised.append(per_leaf)
+    _, cvjp = jax.vjp(sub_views, [p_flat[i] for i in leaves])
+    mat_vjps.append((cvjp, keys, [jnp.result_type(views[k]) for k in keys]))
 
-  norms = jnp.sqrt(sq)
-  ok = _kept(losses, mask)
-  scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
-  weights = jnp.where(finite, scale, 0.0)
+  def norm_phase(cs, ms, okc):
+    """Norms, clip weights and the reused sums of one chunk of examples."""
+    sq = jnp.zeros(okc.shape, jnp.float32)
+    raws = {}
+    for i, (u, c) in enumerate(zip(units, cs)):
+      if u.form == _rules.NORM:
+        sq = sq + u.sq(c)
+      else:
+        raws[i] = u.per_example(c)
+        sq = sq + sum(cm.per_example_sq(x) for x in jax.tree.leaves(raws[i]))
+    for ia, ic, fn in cross_idx:
+      sq = sq + 2.0 * fn(cs[ia], cs[ic])
+    per_leaf = []
+    for m, mc, (cvjp, keys, dts) in zip(st.materialized, ms, mat_vjps):
+      pe_w = {}
+      for u, c in zip(m.units, mc):
+        pe_w.update(jax.vmap(u.split)(u.per_example(c)))
+      x = jax.vmap(lambda cts: _wide_vjp(lambda ct: cvjp(ct)[0], cts, dts))(
+          [pe_w[k] for k in keys])
+      per_leaf.append(x)
+      sq = sq + sum(cm.per_example_sq(v) for v in x)
+    norms = jnp.sqrt(sq)
+    scale, finite, _ = _per_example.clip_stats(jnp.where(okc, norms, jnp.nan), max_norm)
+    w = jnp.where(finite, scale, jnp.zeros((), scale.dtype))
+    sums = {i: jax.tree.map(lambda x: _row_sum(x, w, finite), r) for i, r in raws.items()}
+    leaf_sums = [[_row_sum(v, w, finite) for v in x] for x in per_leaf]
+    return norms, w, finite, sums, leaf_sums
 
-  # The clipped sum from the same records: sum_b w_b dW'_b per direct group, mapped
-  # to the parameter leaves by the VJP of the parameter-only part of the program.
-  cts, direct_keys = [], []
-  for blk, bc in zip(blocks, block_canons):
-    members = [[(canons[id(g)], g.uses[0].data) for g in row] for row in blk.rows]
-    for (r, col), x in dot_rule.block_weighted(bc, members, weights, finite).items():
-      u0 = blk.rows[r][col].uses[0]
-      key = (u0.uid, u0.data["wpos"])
-      direct_keys.append(key)
-      cts.append(x.astype(jnp.result_type(views[key])))
-  for c in comps:
-    if not c.direct or c.block is not None:
-      continue
-    for g in c.groups:
-      u0 = g.uses[0]
-      for j, x in g.rule.weighted(canons[id(g)], weights, finite, None).items():
-        direct_keys.append((u0.uid, j))
-        cts.append(x.astype(jnp.result_type(views[(u0.uid, j)])))
-  total = [jnp.zeros(jnp.shape(x), jnp.float32) for x in p_flat]
+  n_chunks = b // chunk_size(plan, st, budget)
+  ex = [c.ex for c in canons]
+  mex = [[c.ex for c in mc] for mc in mats]
+
+  def with_ex(cs, exs):
+    return [c._replace(ex=e) for c, e in zip(cs, exs)]
+
+  if n_chunks == 1:
+    norms, w, finite, sums, leaf_sums = norm_phase(canons, mats, ok)
+  else:
+    def body(acc, xs):
+      e, me, okc = xs
+      nrm, wc, fin, s, ls = norm_phase(with_ex(canons, e),
+                                       [with_ex(mc, x) for mc, x in zip(mats, me)], okc)
+      acc = jax.tree.map(jnp.add, acc, (s, ls))
+      return acc, (nrm, wc, fin)
+
+    zeros = jax.eval_shape(lambda: norm_phase(
+        with_ex(canons, _first(ex, n_chunks)),
+        [with_ex(mc, _first(x, n_chunks)) for mc, x in zip(mats, mex)],
+        ok[:b // n_chunks])[3:])
+    acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (sums, leaf_sums), (norms, w, finite) = lax.scan(
+        body, acc0, (_chunks(ex, n_chunks), _chunks(mex, n_chunks),
+                     ok.reshape(n_chunks, -1)))
+    norms, w, finite = norms.reshape(b), w.reshape(b), finite.reshape(b)
+
+  # The clipped sum: per unit sum_b w_b dW'_b in W' layout (the norm form from the
+  # records, the per-example form from the sums above), mapped to the parameter
+  # leaves by one VJP of the parameter-only part of the program.
+  weighted = {}
+  for i, (u, c) in enumerate(zip(units, canons)):
+    if u.form == _rules.NORM:
+      weighted.update(u.weighted(c, w, finite))
+    else:
+      weighted.update(u.split(sums[i]))
+  total = [jnp.zeros(jnp.shape(x), cm.f32(x).dtype) if _is_float(x)
+           else jnp.zeros(jnp.shape(x), jnp.float32) for x in p_flat]
   float_idx = [i for i, x in enumerate(p_flat) if _is_float(x)]
-  if direct_keys:
+  if weighted:
+    keys = list(weighted)
+
     def dviews(sub):
       full = list(p_flat)
       for i, x in zip(float_idx, sub):
         full[i] = x
       vw = _trace.run_views(plan, full)
-      return [vw[k] for k in direct_keys]
+      return [vw[k] for k in keys]
 
     _, dvjp = jax.vjp(dviews, [p_flat[i] for i in float_idx])
-    grads = dvjp(cts)[0]
+    grads = _wide_vjp(lambda ct: dvjp(ct)[0], [weighted[k] for k in keys],
+                      [jnp.result_type(views[k]) for k in keys])
     for i, gr in zip(float_idx, grads):
       total[i] = total[i] + cm.f32(gr)
-  for per_leaf in materialised:
-    for i, x in per_leaf.items():
-      total[i] = total[i] + jnp.sum(cm.mask_rows(x, finite, weights), axis=0)
+  for m, ls in zip(st.materialized, leaf_sums):
+    for i, x in zip(m.leaves, ls):
+      total[i] = total[i] + x.astype(total[i].dtype)
   return jax.tree.unflatten(p_tree, total), _masked_norms(norms, mask), finite, aux
+
+
+def _first(tree, n):
+  return jax.tree.map(lambda x: x[:x.shape[0] // n], tree)
+
+
+def _unit_keys(unit) -> list:
+  """The ``(uid, j)`` keys of the W' a unit's ``split`` returns, in a fixed order."""
+  keys = []
+  for g in unit.groups:
+    u0 = g.uses[0]
+    keys.extend((u0.uid, j) for j in u0.p_pos)
+  return keys
 
 
 def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
@@ -555,7 +611,7 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
     w dot_general
   """
   plan, _ = _plan(loss_fn, has_aux, params, batch)
-  names = _coverage_names(plan, _structure(plan))
+  names = _structure(plan).names
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   out = {}
   for i, (path, leaf) in enumerate(flat):

@@ -17,11 +17,13 @@ the same equations). For every variable it knows:
 A live equation that reads a ``P`` and a ``V`` operand is a *use* of parameters.
 ``pjit``/closed calls, ``checkpoint`` and ``custom_jvp_call`` are looked through
 (their inner program is analysed in place), ``scan`` with parameters among its
-constants is looked through with its body (the uses inside run once per step), and
-every other use gets a rule from :mod:`gradclip_jax.dp._rules` by primitive, or the
-per-operation fallback. A batch-dependent value that has no example axis (a
-reduction or normalisation over the batch) or two (examples combined pairwise) is
-refused with a ``ValueError`` naming the operation and its source line.
+constants is looked through with its body (the uses inside run once per step),
+``cond`` whose branch index is the same for every example is looked through with all
+its branches (the untaken branches' uses record zeros), and every other use gets a
+rule from :mod:`gradclip_jax.dp._rules` by primitive, or the per-operation fallback.
+A batch-dependent value that has no example axis (a reduction or normalisation over
+the batch) or two (examples combined pairwise) is refused with a ``ValueError``
+naming the operation and its source line.
 
 :func:`run_probes` evaluates the program equation by equation, adds a zero *probe*
 to every output of every use, and returns the recorded operands of the uses (inside
@@ -30,34 +32,27 @@ over the steps). :func:`run_views` evaluates only the ``P`` part: the value each
 reads as its parameter operand ``W'`` (a function of the parameters whose VJP maps a
 gradient of ``W'`` back to the parameter leaves).
 
-Only public names are used: ``jax.make_jaxpr``, ``jax.extend.core`` (``Literal``,
-``Jaxpr``, ``ClosedJaxpr``) and ``jax.extend.source_info_util``.
+JAX's program representation is read only through :mod:`gradclip_jax.dp._jaxpr`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
 from jax import lax
-from jax.extend import core as jcore
-from jax.extend import source_info_util
+import jax.numpy as jnp
 import numpy as np
+
+from gradclip_jax.dp import _jaxpr as jx
 
 P, V, C = "P", "V", "C"
 #: An example-axis value meaning "the example axis could not be located".
 UNKNOWN = "unknown"
 
-#: Call-like primitives whose inner program is analysed in place.
-INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2",
-                    "checkpoint", "custom_jvp_call"})
-#: Parameter-only operations that map the gradient of their output to their input
-#: without changing its norm (so a parameter read through them keeps the cheap norm).
-ISOMETRIC = frozenset({"reshape", "transpose", "squeeze", "expand_dims",
-                       "convert_element_type", "copy", "copy_p", "slice",
-                       "dynamic_slice", "rev", "neg", "concatenate",
-                       "reduce_precision", "optimization_barrier"})
+_IDENTS = itertools.count()
 
 
 class Unsupported(ValueError):
@@ -74,6 +69,7 @@ class Spec:
 
 @dataclasses.dataclass
 class Info:
+  """What the analysis knows of one variable."""
   kind: str
   batch: bool
   spec: Any            # Spec, None (no example axis) or UNKNOWN
@@ -82,6 +78,7 @@ class Info:
   bsrc: Any = None     # P value broadcast over the batch: (source var, its Info, dims)
   perm: Any = None     # P value = transpose(one leaf, perm): its dim i is leaf dim perm[i]
   wstack: tuple = ()   # scan levels over which a P value varies (parameters scanned as xs)
+  ident: Any = None    # P value: the same number wherever the same value is read
 
 
 _CONST = Info(C, False, None, frozenset(), True)
@@ -89,7 +86,11 @@ _CONST = Info(C, False, None, frozenset(), True)
 
 @dataclasses.dataclass
 class Use:
-  """One equation that reads parameters (``P`` operands) and data (``V`` operands)."""
+  """One equation that reads parameters (``P`` operands) and data (``V`` operands).
+
+  ``eqn`` is JAX's equation, an opaque handle for :mod:`gradclip_jax.dp._jaxpr`;
+  the shapes and dtypes of its operands and outputs are copied here.
+  """
   uid: int
   eqn: Any
   prim: str
@@ -99,23 +100,36 @@ class Use:
   out_info: tuple       # Info per output
   probe_pos: tuple      # outputs that get a probe
   stack: tuple          # lengths of the enclosing scans, outermost first
+  in_shapes: tuple = ()
+  out_shapes: tuple = ()
+  in_dtypes: tuple = ()
+  out_dtypes: tuple = ()
+  literals: dict = dataclasses.field(default_factory=dict)  # operand j -> its value
   rule: Any = None      # the rule object (gradclip_jax.dp._rules)
-  data: Any = None      # the rule's static data
-  reason: str = ""      # why a use is on the fallback
+  data: Any = None      # the rule's static data (a NamedTuple with ``needs``)
   params_same: bool = True  # the equation's parameters do not depend on B
   where: str = ""       # source location, for messages
-  scope_id: int = 0     # the program level it sits in (uses merge only within one)
+  scope_id: int = 0     # the program level it sits in
   rec_key: dict = dataclasses.field(default_factory=dict)    # operand j -> record key
-  # operand j -> (broadcast_dimensions, shape, example axis): W'_j is read broadcast over the batch;
-  # the use's W'_j is the value before that broadcast_in_dim (src[j]).
+  # operand j -> (broadcast_dimensions, shape, example axis): W'_j is read broadcast
+  # over the batch; the use's W'_j is the value before that broadcast_in_dim (src[j]).
   pre: dict = dataclasses.field(default_factory=dict)
   src: dict = dataclasses.field(default_factory=dict)
+  src_shapes: dict = dataclasses.field(default_factory=dict)  # operand j -> src shape
   probe_key: dict = dataclasses.field(default_factory=dict)  # output k -> probe key
+
+  def w_ident(self, j: int) -> Any:
+    """The identity of the parameter value ``W'_j`` (equal for equal values)."""
+    return self.in_info[j].ident
+
+  def w_shape(self, j: int) -> tuple:
+    """The shape of ``W'_j`` as the use reads it (before a broadcast over the batch)."""
+    return self.src_shapes.get(j, self.in_shapes[j])
 
 
 @dataclasses.dataclass
 class Scope:
-  """The analysis of one program level (the top, a call body or a scan body)."""
+  """The analysis of one program level (the top, a call body, a scan body, a branch)."""
   jaxpr: Any
   consts: list
   actions: list = dataclasses.field(default_factory=list)  # per equation
@@ -123,6 +137,7 @@ class Scope:
   probe_at: dict = dataclasses.field(default_factory=dict)  # eqn index -> [(k, key)]
   probe_avals: dict = dataclasses.field(default_factory=dict)  # key -> (aval, stack)
   depth: int = 0       # number of enclosing scans (a scan body: its own level + 1)
+  out_info: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -136,56 +151,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ small helpers
-
-
-def _is_literal(v) -> bool:
-  return isinstance(v, jcore.Literal)
-
-
-def _shape(v):
-  aval = v.aval
-  return tuple(getattr(aval, "shape", ()))
-
-
-def _is_float_aval(aval) -> bool:
-  dt = getattr(aval, "dtype", None)
-  if dt is None:
-    return False
-  try:
-    return bool(np.issubdtype(dt, np.inexact))
-  except TypeError:  # extended dtypes (PRNG keys)
-    return False
-
-
-def _inner(params):
-  """(open jaxpr, consts) of a call-like equation's body."""
-  j = params.get("jaxpr", params.get("call_jaxpr"))
-  if isinstance(j, jcore.ClosedJaxpr):
-    return j.jaxpr, list(j.consts)
-  return j, []
-
-
-def where_of(eqn) -> str:
-  loc = source_info_util.summarize(eqn.source_info)
-  stack = str(getattr(eqn.source_info, "name_stack", "") or "")
-  parts = [p for p in (f"in {stack}" if stack else "", f"at {loc}" if loc else "") if p]
-  return " ".join(parts)
-
-
-def _same_params(p0, p1) -> bool:
-  for k in set(p0) | set(p1):
-    a, b = p0.get(k), p1.get(k)
-    if isinstance(a, (jcore.ClosedJaxpr, jcore.Jaxpr)) or callable(a):
-      return False
-    try:
-      if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        if not np.array_equal(a, b):
-          return False
-      elif a != b:
-        return False
-    except (TypeError, ValueError):  # incomparable: treat as depending on B
-      return False
-  return True
 
 
 def _spec(shape0, shape1, b, guess) -> Any:
@@ -208,6 +173,10 @@ def _spec(shape0, shape1, b, guess) -> Any:
   return Spec(ax, io[0], io[1])
 
 
+def _no_guess(*_):
+  return None
+
+
 # ----------------------------------------------------------------------- analysis
 
 
@@ -222,151 +191,161 @@ class _Analysis:
   # -- batch dependence only (for scan carries: a fixpoint)
   def batch_flow(self, jaxpr, in_batch):
     env = {}
-    for v, bt in zip(jaxpr.invars, in_batch):
+    for v, bt in zip(jx.invars(jaxpr), in_batch):
       env[v] = bt
-    rd = lambda v: False if _is_literal(v) else env.get(v, False)  # noqa: E731
-    for eqn in jaxpr.eqns:
-      ins = [rd(v) for v in eqn.invars]
-      name = eqn.primitive.name
-      if name == "scan":
+    rd = lambda v: False if jx.is_literal(v) else env.get(v, False)  # noqa: E731
+    for eqn in jx.eqns(jaxpr):
+      ins = [rd(v) for v in jx.ins(eqn)]
+      name = jx.name(eqn)
+      if name == jx.SCAN:
         outs = self._scan_batch(eqn, ins)
-      elif name in INLINE:
-        outs = self.batch_flow(_inner(eqn.params)[0], ins)
+      elif name in jx.INLINE:
+        outs = self.batch_flow(jx.inner(eqn).jaxpr, ins)
       else:
-        outs = [any(ins)] * len(eqn.outvars)
-      for v, bt in zip(eqn.outvars, outs):
+        outs = [any(ins)] * len(jx.outs(eqn))
+      for v, bt in zip(jx.outs(eqn), outs):
         env[v] = bt
-    return [rd(v) for v in jaxpr.outvars]
+    return [rd(v) for v in jx.outvars(jaxpr)]
 
   def _scan_batch(self, eqn, ins):
-    nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
-    body = eqn.params["jaxpr"].jaxpr
+    sc = jx.scan(eqn)
+    nc, ncar = sc.num_consts, sc.num_carry
     carry = list(ins[nc:nc + ncar])
     for _ in range(len(carry) + 2):
-      out = self.batch_flow(body, ins[:nc] + carry + ins[nc + ncar:])
+      out = self.batch_flow(sc.body.jaxpr, ins[:nc] + carry + ins[nc + ncar:])
       new = [a or b for a, b in zip(carry, out[:ncar])]
       if new == carry:
         break
       carry = new
-    out = self.batch_flow(body, ins[:nc] + carry + ins[nc + ncar:])
+    out = self.batch_flow(sc.body.jaxpr, ins[:nc] + carry + ins[nc + ncar:])
     return carry + out[ncar:]
 
   # -- the full analysis of one level
-  def scope(self, jaxpr, consts, jaxpr1, in_info, live_out, stack) -> Scope:
-    sc = Scope(jaxpr, consts, depth=len(stack) - 1)
-    if len(jaxpr.eqns) != len(jaxpr1.eqns) or len(jaxpr.invars) != len(jaxpr1.invars):
+  def scope(self, prog, prog1, in_info, live_out, stack) -> Scope:
+    jaxpr, jaxpr1 = prog.jaxpr, prog1.jaxpr
+    sc = Scope(jaxpr, prog.consts, depth=len(stack) - 1)
+    e0, e1 = jx.eqns(jaxpr), jx.eqns(jaxpr1)
+    if len(e0) != len(e1) or len(jx.invars(jaxpr)) != len(jx.invars(jaxpr1)):
       raise Unsupported("loss_fn traces to different programs at batch sizes B and "
                         "B + 1 (Python control flow on the batch size?)")
     env = {}
-    live = set(v for v, lv in zip(jaxpr.outvars, live_out) if lv and not _is_literal(v))
-    eqn_live = [False] * len(jaxpr.eqns)
-    for i in range(len(jaxpr.eqns) - 1, -1, -1):
-      eqn = jaxpr.eqns[i]
-      if any(v in live for v in eqn.outvars if not isinstance(v, jcore.DropVar)) or (
-          eqn.effects):
+    live = set(v for v, lv in zip(jx.outvars(jaxpr), live_out)
+               if lv and not jx.is_literal(v))
+    eqn_live = [False] * len(e0)
+    for i in range(len(e0) - 1, -1, -1):
+      eqn = e0[i]
+      if any(v in live for v in jx.outs(eqn) if not jx.is_dropped(v)) or (
+          jx.has_effects(eqn)):
         eqn_live[i] = True
-        live.update(v for v in eqn.invars if not _is_literal(v))
-    for v, info in zip(jaxpr.invars, in_info):
+        live.update(v for v in jx.ins(eqn) if not jx.is_literal(v))
+    for v, info in zip(jx.invars(jaxpr), in_info):
       env[v] = info
-    for v, v1 in zip(jaxpr.constvars, jaxpr1.constvars):
-      env[v] = Info(C, False, _spec(_shape(v), _shape(v1), self.b, lambda *a: None),
+    for v, v1 in zip(jx.constvars(jaxpr), jx.constvars(jaxpr1)):
+      env[v] = Info(C, False, _spec(jx.shape(v), jx.shape(v1), self.b, _no_guess),
                     frozenset(), True)
 
     def rd(v):
-      return _CONST if _is_literal(v) else env[v]
+      return _CONST if jx.is_literal(v) else env[v]
 
     direct = []
-    for i, (eqn, eqn1) in enumerate(zip(jaxpr.eqns, jaxpr1.eqns)):
-      name = eqn.primitive.name
-      if name != eqn1.primitive.name or len(eqn.invars) != len(eqn1.invars) or len(
-          eqn.outvars) != len(eqn1.outvars):
+    for i, (eqn, eqn1) in enumerate(zip(e0, e1)):
+      name = jx.name(eqn)
+      if name != jx.name(eqn1) or len(jx.ins(eqn)) != len(jx.ins(eqn1)) or len(
+          jx.outs(eqn)) != len(jx.outs(eqn1)):
         raise Unsupported("loss_fn traces to different programs at batch sizes B and "
-                          f"B + 1 ({name} against {eqn1.primitive.name})")
-      ins = [rd(v) for v in eqn.invars]
+                          f"B + 1 ({name} against {jx.name(eqn1)})")
+      ins = [rd(v) for v in jx.ins(eqn)]
       kinds = [x.kind for x in ins]
       batch_in = any(x.batch for x in ins)
 
       def guess(ax, s0, s1, eqn=eqn, eqn1=eqn1, ins=ins):
         return self._guess(eqn, eqn1, ins, ax, s0, s1)
 
-      out_specs = [_spec(_shape(v), _shape(v1), self.b, guess)
-                   for v, v1 in zip(eqn.outvars, eqn1.outvars)]
+      out_specs = [_spec(jx.shape(v), jx.shape(v1), self.b, guess)
+                   for v, v1 in zip(jx.outs(eqn), jx.outs(eqn1))]
       if not eqn_live[i]:  # not needed for the losses (maybe for aux): evaluated as is
         sc.actions.append(("bind",))
-        for v, s in zip(eqn.outvars, out_specs):
+        for v, s in zip(jx.outs(eqn), out_specs):
           env[v] = Info(V, batch_in, s, frozenset(), False)
         continue
       has_p = P in kinds
       has_v = V in kinds
       if not has_p:
         sc.actions.append(("bind",))
-        if name == "scan":
+        if name == jx.SCAN:
           batch_out = self._scan_batch(eqn, [x.batch for x in ins])
-        elif name in INLINE:
-          batch_out = self.batch_flow(_inner(eqn.params)[0], [x.batch for x in ins])
+        elif name in jx.INLINE:
+          batch_out = self.batch_flow(jx.inner(eqn).jaxpr, [x.batch for x in ins])
         else:
-          batch_out = [batch_in] * len(eqn.outvars)
+          batch_out = [batch_in] * len(jx.outs(eqn))
         infos = [Info(V if has_v else C, bo, s, frozenset(), False)
                  for bo, s in zip(batch_out, out_specs)]
       elif not has_v:  # a function of parameters and constants only
         sc.actions.append(("bind",))
-        origin = frozenset().union(*[x.origin for x in ins if x.kind == P])
-        pins = [x for x in ins if x.kind == P]
-        expand = name == "broadcast_in_dim" and int(np.prod(_shape(eqn.outvars[0]))) == (
-            int(np.prod(_shape(eqn.invars[0])))) if name == "broadcast_in_dim" else False
-        iso = ((name in ISOMETRIC or expand) and all(x.iso for x in pins)
-               and sum(len(x.origin) for x in pins) == len(origin)
-               and (name != "concatenate" or all(k == P for k in kinds)))
-        if name == "convert_element_type" and not _is_float_aval(eqn.outvars[0].aval):
-          iso = False
-        wst = tuple(sorted(set().union(*[set(x.wstack) for x in pins])))
-        infos = [Info(P, False, s, origin, iso, wstack=wst) for s in out_specs]
-        if len(pins) == 1 and ins[0].kind == P and ins[0].perm is not None:
-          if name in ("convert_element_type", "copy", "copy_p", "optimization_barrier"):
-            infos[0].perm = ins[0].perm
-          elif name == "transpose":
-            infos[0].perm = tuple(ins[0].perm[d] for d in eqn.params["permutation"])
-        if (name == "broadcast_in_dim" and isinstance(out_specs[0], Spec)
-            and ins[0].kind == P and ins[0].spec is None):
-          infos[0].bsrc = (eqn.invars[0], ins[0],
-                           tuple(eqn.params["broadcast_dimensions"]))
-      elif name in INLINE:
-        inner, iconsts = _inner(eqn.params)
-        inner1, _ = _inner(eqn1.params)
-        child = self.scope(inner, iconsts, inner1, ins,
-                           [v in live for v in eqn.outvars], stack)
+        infos = self._p_only(eqn, ins, kinds, out_specs)
+      elif name in jx.INLINE:
+        child = self.scope(jx.inner(eqn), jx.inner(eqn1), ins,
+                           [v in live for v in jx.outs(eqn)], stack)
         sc.actions.append(("inline", child))
         sc.uses.extend(child.uses)
         infos = child.out_info
-      elif name == "scan" and all(
-          k != P for k in kinds[eqn.params["num_consts"]:
-                                eqn.params["num_consts"] + eqn.params["num_carry"]]) and all(
-              x.spec is None for x in ins[eqn.params["num_consts"]:] if x.kind == P):
+      elif name == jx.SCAN and self._scan_ok(eqn, ins):
         infos = self._scan(sc, eqn, eqn1, ins, live, stack)
+      elif name == jx.COND and not ins[0].batch:
+        infos = self._cond(sc, eqn, eqn1, ins, out_specs, live, stack)
       else:
         infos = self._use(sc, eqn, eqn1, ins, out_specs, stack)
         direct.append(sc.actions[-1][1])
-      for v, info in zip(eqn.outvars, infos):
+      for v, info in zip(jx.outs(eqn), infos):
         env[v] = info
       # Cross-example operations: refused.
-      for v, info in zip(eqn.outvars, infos):
-        if isinstance(v, jcore.DropVar) or v not in live or not info.batch:
+      for v, info in zip(jx.outs(eqn), infos):
+        if jx.is_dropped(v) or v not in live or not info.batch:
           continue
         if info.spec is None or (info.spec == UNKNOWN and _two_axes(v, eqn1, eqn)):
           raise ValueError(
               f"clipped_grad(method='ghost'): the operation {name!r} "
-              f"{where_of(eqn)} combines different examples of the batch (its result "
+              f"{jx.where(eqn)} combines different examples of the batch (its result "
               f"{'has no' if info.spec is None else 'has two'} example axis) - e.g. "
               "BatchNorm with batch statistics, or a mean over the batch. Per-example "
               "gradients (and DP-SGD's sensitivity bound) are not defined for such a "
               "loss; normalise per example (LayerNorm/GroupNorm, BatchNorm with "
               "use_running_average=True) or reduce over the batch outside loss_fn")
-    sc.out_info = [rd(v) for v in jaxpr.outvars]
+    sc.out_info = [rd(v) for v in jx.outvars(jaxpr)]
     self._place_probes(sc, direct, stack)
-    for child in sc.actions:
-      if child[0] in ("inline", "scan"):
-        sc.probe_avals.update(child[1].probe_avals)
+    for act in sc.actions:
+      if act[0] in ("inline", "scan"):
+        sc.probe_avals.update(act[1].probe_avals)
+      elif act[0] == "cond":
+        for child in act[1]:
+          sc.probe_avals.update(child.probe_avals)
     return sc
+
+  def _p_only(self, eqn, ins, kinds, out_specs):
+    """Infos of the outputs of a parameter-only equation."""
+    name = jx.name(eqn)
+    origin = frozenset().union(*[x.origin for x in ins if x.kind == P])
+    pins = [x for x in ins if x.kind == P]
+    outs = jx.outs(eqn)
+    expand = (name == jx.BROADCAST
+              and jx.size(outs[0]) == jx.size(jx.ins(eqn)[0]))
+    iso = ((name in jx.ISOMETRIC or expand) and all(x.iso for x in pins)
+           and sum(len(x.origin) for x in pins) == len(origin)
+           and (name != jx.CONCATENATE or all(k == P for k in kinds)))
+    if name == jx.CONVERT and not jx.is_float(outs[0]):
+      iso = False
+    wst = tuple(sorted(set().union(*[set(x.wstack) for x in pins])))
+    infos = [Info(P, False, s, origin, iso, wstack=wst, ident=next(_IDENTS))
+             for s in out_specs]
+    if len(pins) == 1 and ins[0].kind == P and ins[0].perm is not None:
+      if name in jx.SAME_AXES:
+        infos[0].perm = ins[0].perm
+      elif name == jx.TRANSPOSE:
+        infos[0].perm = tuple(ins[0].perm[d] for d in jx.permutation(eqn))
+    if (name == jx.BROADCAST and isinstance(out_specs[0], Spec)
+        and ins[0].kind == P and ins[0].spec is None):
+      infos[0].bsrc = (jx.ins(eqn)[0], ins[0], jx.broadcast_dimensions(eqn))
+    return infos
 
   def _place_probes(self, sc, direct, stack):
     """Probe keys of this level's uses; records keyed by variable (shared).
@@ -377,140 +356,173 @@ class _Analysis:
     share one probe.
     """
     jaxpr = sc.jaxpr
+    eq = jx.eqns(jaxpr)
     producer, consumers = {}, {}
-    for i, (eqn, act) in enumerate(zip(jaxpr.eqns, sc.actions)):
-      if act[0] == "skip":
-        continue
-      for v in eqn.outvars:
+    for i, eqn in enumerate(eq):
+      for v in jx.outs(eqn):
         producer[v] = i
-      for v in eqn.invars:
-        if not _is_literal(v):
+      for v in jx.ins(eqn):
+        if not jx.is_literal(v):
           consumers.setdefault(v, []).append(i)
-    for v in jaxpr.outvars:
-      if not _is_literal(v):
+    for v in jx.outvars(jaxpr):
+      if not jx.is_literal(v):
         consumers.setdefault(v, []).append(-1)
     for use in direct:
       for j in use.rec_pos:
-        use.rec_key[j] = (id(sc), id(use.eqn.invars[j]))
+        use.rec_key[j] = (id(sc), id(jx.ins(use.eqn)[j]))
       for k in use.probe_pos:
-        v = use.eqn.outvars[k]
+        v = jx.outs(use.eqn)[k]
         while True:
           cs = consumers.get(v, [])
           if len(cs) != 1 or cs[0] < 0:
             break
-          nxt = jaxpr.eqns[cs[0]]
-          if (nxt.primitive.name not in ("add", "add_any")
+          nxt = eq[cs[0]]
+          nout = jx.outs(nxt)[0]
+          if (jx.name(nxt) not in jx.ADDS
               or sc.actions[cs[0]][0] not in ("bind", "use")
-              or _shape(nxt.outvars[0]) != _shape(v)
-              or nxt.outvars[0].aval.dtype != v.aval.dtype):
+              or jx.shape(nout) != jx.shape(v) or jx.dtype(nout) != jx.dtype(v)):
             break
-          v = nxt.outvars[0]
+          v = nout
         key = (id(sc), id(v))
         use.probe_key[k] = key
         if key not in sc.probe_avals:
-          sc.probe_avals[key] = (v.aval, stack)
+          sc.probe_avals[key] = (jx.shaped(jx.shape(v), jx.dtype(v)), stack)
           i = producer[v]
-          out_k = list(jaxpr.eqns[i].outvars).index(v)
+          out_k = jx.outs(eq[i]).index(v)
           sc.probe_at.setdefault(i, []).append((out_k, key))
 
   def _guess(self, eqn, eqn1, ins, ax, s0, s1):
     """(inner, outer) of a merged example axis of an output of ``eqn``."""
     d = s1 - s0
-    if eqn.primitive.name == "reshape" and ins and isinstance(ins[0].spec, Spec):
+    if jx.name(eqn) == "reshape" and ins and isinstance(ins[0].spec, Spec):
       sp = ins[0].spec
-      s_in = _shape(eqn.invars[0])
+      s_in = jx.shape(jx.ins(eqn)[0])
       stride_b = sp.inner * int(np.prod(s_in[sp.axis + 1:], dtype=np.int64))
-      s_out = _shape(eqn.outvars[0])
+      s_out = jx.shape(jx.outs(eqn)[0])
       stride_j = int(np.prod(s_out[ax + 1:], dtype=np.int64))
       if stride_j and stride_b % stride_j == 0:
         inner = stride_b // stride_j
         if inner >= 1 and d % inner == 0:
           return inner, d // inner
       return None
-    for v, v1, x in zip(eqn.invars, eqn1.invars, ins):
+    for v, v1, x in zip(jx.ins(eqn), jx.ins(eqn1), ins):
       if isinstance(x.spec, Spec) and x.spec.inner * x.spec.outer == d:
-        sh0, sh1 = _shape(v), _shape(v1)
+        sh0, sh1 = jx.shape(v), jx.shape(v1)
         if len(sh0) > x.spec.axis and sh0[x.spec.axis] == s0 and sh1[x.spec.axis] == s1:
           return x.spec.inner, x.spec.outer
     return None
 
+  @staticmethod
+  def _scan_ok(eqn, ins) -> bool:
+    """A scan looked through: no parameter in its carry, none scanned with an example axis."""
+    s = jx.scan(eqn)
+    kinds = [x.kind for x in ins]
+    return (all(k != P for k in kinds[s.num_consts:s.num_consts + s.num_carry])
+            and all(x.spec is None for x in ins[s.num_consts:] if x.kind == P))
+
   def _scan(self, sc, eqn, eqn1, ins, live, stack):
-    prm = eqn.params
-    nc, ncar = prm["num_consts"], prm["num_carry"]
-    body, bconsts = prm["jaxpr"].jaxpr, list(prm["jaxpr"].consts)
-    body1 = eqn1.params["jaxpr"].jaxpr
+    s, s1 = jx.scan(eqn), jx.scan(eqn1)
+    nc, ncar = s.num_consts, s.num_carry
     batch = self._scan_batch(eqn, [x.batch for x in ins])
     carry_b = batch[:ncar]
     b_in = []
     step_xs = []
-    for j, (v, v1) in enumerate(zip(body.invars, body1.invars)):
+    for j, (v, v1) in enumerate(zip(jx.invars(s.body.jaxpr), jx.invars(s1.body.jaxpr))):
       if j < nc:
         b_in.append(dataclasses.replace(ins[j], bsrc=None))
       elif j >= nc + ncar and ins[j].kind == P:  # parameters scanned over (per step)
         x = ins[j]
         step_xs.append(j)
         b_in.append(Info(P, False, None, x.origin, x.iso,
-                         wstack=tuple(x.wstack) + (len(stack),)))
+                         wstack=tuple(x.wstack) + (len(stack),), ident=x.ident))
       else:
         outer = ins[j]
         hint = outer.spec
 
-        def guess(ax, s0, s1, hint=hint, shift=0 if j < nc + ncar else 1):
+        def guess(ax, s0, s1_, hint=hint, shift=0 if j < nc + ncar else 1):
+          del s0, s1_
           if isinstance(hint, Spec) and hint.axis - shift == ax:
             return hint.inner, hint.outer
           return None
 
         bt = carry_b[j - nc] if j < nc + ncar else outer.batch
-        b_in.append(Info(V, bt, _spec(_shape(v), _shape(v1), self.b, guess),
+        b_in.append(Info(V, bt, _spec(jx.shape(v), jx.shape(v1), self.b, guess),
                          frozenset(), False))
-    live_body = [True] * ncar + [v in live for v in eqn.outvars[ncar:]]
-    child = self.scope(body, bconsts, body1, b_in, live_body, stack + (prm["length"],))
+    outs = jx.outs(eqn)
+    live_body = [True] * ncar + [v in live for v in outs[ncar:]]
+    child = self.scope(s.body, s1.body, b_in, live_body, stack + (s.length,))
     sc.actions.append(("scan", child, tuple(step_xs)))
     sc.uses.extend(child.uses)
     out = []
-    for j, (v, v1) in enumerate(zip(eqn.outvars, eqn1.outvars)):
-      inner = child.out_info[j]
-      hint = inner.spec
+    for j, (v, v1) in enumerate(zip(outs, jx.outs(eqn1))):
+      hint = child.out_info[j].spec
       shift = 0 if j < ncar else 1
 
-      def guess(ax, s0, s1, hint=hint, shift=shift):
+      def guess(ax, s0, s1_, hint=hint, shift=shift):
+        del s0, s1_
         if isinstance(hint, Spec) and hint.axis + shift == ax:
           return hint.inner, hint.outer
         return None
 
-      out.append(Info(V, batch[j], _spec(_shape(v), _shape(v1), self.b, guess),
+      out.append(Info(V, batch[j], _spec(jx.shape(v), jx.shape(v1), self.b, guess),
                       frozenset(), False))
     return out
 
+  def _cond(self, sc, eqn, eqn1, ins, out_specs, live, stack):
+    """A ``cond`` whose branch index is the same for all examples: every branch."""
+    live_out = [v in live for v in jx.outs(eqn)]
+    children = []
+    for br, br1 in zip(jx.cond_branches(eqn), jx.cond_branches(eqn1)):
+      children.append(self.scope(br, br1, ins[1:], live_out, stack))
+    sc.actions.append(("cond", children))
+    for child in children:
+      sc.uses.extend(child.uses)
+    out = []
+    for k, s in enumerate(out_specs):
+      infos = [child.out_info[k] for child in children]
+      kind = V if any(x.kind == V for x in infos) else (
+          P if any(x.kind == P for x in infos) else C)
+      batch = any(x.batch for x in infos)
+      if kind == P:  # a parameter value chosen at run time: not a fixed view
+        origin = frozenset().union(*[x.origin for x in infos])
+        out.append(Info(P, False, s, origin, False, ident=next(_IDENTS)))
+      else:
+        out.append(Info(kind, batch, s, frozenset(), False))
+    return out
+
   def _use(self, sc, eqn, eqn1, ins, out_specs, stack):
-    name = eqn.primitive.name
+    name = jx.name(eqn)
+    eins, eouts = jx.ins(eqn), jx.outs(eqn)
     p_pos = tuple(j for j, x in enumerate(ins) if x.kind == P)
     ins = list(ins)
-    pre, src = {}, {}
+    pre, src, src_shapes = {}, {}, {}
     for j in p_pos:
       if ins[j].spec is not None and ins[j].bsrc is not None:
         var, info, dims = ins[j].bsrc
-        pre[j] = (dims, _shape(eqn.invars[j]), ins[j].spec)
+        pre[j] = (dims, jx.shape(eins[j]), ins[j].spec)
         src[j] = var
+        src_shapes[j] = jx.shape(var)
         ins[j] = info
-    rec_pos = tuple(j for j, (v, x) in enumerate(zip(eqn.invars, ins))
-                    if x.kind != P and not _is_literal(v))
+    rec_pos = tuple(j for j, (v, x) in enumerate(zip(eins, ins))
+                    if x.kind != P and not jx.is_literal(v))
     out_info = tuple(Info(V, True, s, frozenset(), False) for s in out_specs)
-    probe_pos = tuple(k for k, v in enumerate(eqn.outvars)
-                      if _is_float_aval(v.aval) and not isinstance(v, jcore.DropVar))
+    probe_pos = tuple(k for k, v in enumerate(eouts)
+                      if jx.is_float(v) and not jx.is_dropped(v))
     use = Use(uid=len(self.uses), eqn=eqn, prim=name, p_pos=p_pos, rec_pos=rec_pos,
               in_info=tuple(ins), out_info=out_info, probe_pos=probe_pos, stack=stack,
-              params_same=_same_params(eqn.params, eqn1.params), where=where_of(eqn),
-              scope_id=id(sc), pre=pre, src=src)
+              in_shapes=tuple(jx.shape(v) for v in eins),
+              out_shapes=tuple(jx.shape(v) for v in eouts),
+              in_dtypes=tuple(jx.dtype(v) for v in eins),
+              out_dtypes=tuple(jx.dtype(v) for v in eouts),
+              literals={j: jx.literal_value(v) for j, v in enumerate(eins)
+                        if jx.is_literal(v)},
+              params_same=jx.same_params(eqn, eqn1), where=jx.where(eqn),
+              scope_id=id(sc), pre=pre, src=src, src_shapes=src_shapes)
     for k in probe_pos:
       if not isinstance(out_specs[k], Spec):
         raise Unsupported(f"the output of {name!r} {use.where}, which reads a "
                           "parameter, has no example axis that could be located")
-    rule = self.rules.get(name)
-    data = rule.match(use) if rule is not None else None
-    if data is None:
-      rule = self.rules["fallback"]
-      data = rule.match(use)
+    rule, data = self.rules.match(use)
     use.rule, use.data = rule, data
     self.uses.append(use)
     sc.uses.append(use)
@@ -519,29 +531,34 @@ class _Analysis:
 
 
 def _two_axes(v, eqn1, eqn) -> bool:
-  k = list(eqn.outvars).index(v)
-  s0, s1 = _shape(v), _shape(eqn1.outvars[k])
+  k = jx.outs(eqn).index(v)
+  s0, s1 = jx.shape(v), jx.shape(jx.outs(eqn1)[k])
   return len(s0) == len(s1) and sum(a != b for a, b in zip(s0, s1)) > 1
 
 
 def analyse(fn, params, batch, b, rules) -> Plan:
-  """Traces ``fn(params, *batch) -> (losses, aux)`` at B and B + 1 and analyses it."""
+  """Traces ``fn(params, *batch) -> (losses, aux)`` at B and B + 1 and analyses it.
+
+  ``rules.match(use) -> (rule, data)`` gives each use its rule (the registry of
+  :mod:`gradclip_jax.dp._rules`).
+  """
   p_flat, p_tree = jax.tree.flatten(params)
   b_flat, b_tree = jax.tree.flatten(batch)
-  sds = lambda x, lead=None: jax.ShapeDtypeStruct(  # noqa: E731
-      (tuple(np.shape(x)) if lead is None else (lead,) + tuple(np.shape(x))[1:]),
-      jax.numpy.result_type(x) if not hasattr(x, "dtype") else x.dtype)
+
+  def sds(x, lead=None):
+    shp = tuple(np.shape(x)) if lead is None else (lead,) + tuple(np.shape(x))[1:]
+    return jx.shaped(shp, x.dtype if hasattr(x, "dtype") else jnp.result_type(x))
 
   def flat_fn(*xs):
     p = jax.tree.unflatten(p_tree, xs[:len(p_flat)])
     bt = jax.tree.unflatten(b_tree, xs[len(p_flat):])
     return fn(p, *bt)
 
-  avals0 = [sds(x) for x in p_flat] + [sds(x) for x in b_flat]
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals0)
-  avals1 = [sds(x) for x in p_flat] + [sds(x, b + 1) for x in b_flat]
+  prog, out_shape = jx.trace(flat_fn, *([sds(x) for x in p_flat]
+                                        + [sds(x) for x in b_flat]))
   try:
-    closed1 = jax.make_jaxpr(flat_fn)(*avals1)
+    prog1, _ = jx.trace(flat_fn, *([sds(x) for x in p_flat]
+                                   + [sds(x, b + 1) for x in b_flat]))
   except Exception as e:  # pylint: disable=broad-except  # any failure of user code
     raise Unsupported(f"loss_fn could not be traced at batch size B + 1 = {b + 1} "
                       f"(needed to find the example axes): {type(e).__name__}: {e}"
@@ -549,17 +566,19 @@ def analyse(fn, params, batch, b, rules) -> Plan:
   an = _Analysis(b, rules)
   in_info = []
   for i, x in enumerate(p_flat):
-    if _is_float_aval(jax.core.ShapedArray(np.shape(x), sds(x).dtype)):
+    if jx.is_float_dtype(sds(x).dtype):
       in_info.append(Info(P, False, None, frozenset([i]), True,
-                          perm=tuple(range(np.ndim(x)))))
+                          perm=tuple(range(np.ndim(x))), ident=next(_IDENTS)))
     else:
       in_info.append(_CONST)
-  for v, v1 in zip(closed.jaxpr.invars[len(p_flat):], closed1.jaxpr.invars[len(p_flat):]):
-    in_info.append(Info(V, True, _spec(_shape(v), _shape(v1), b, lambda *a: None),
+  vin = jx.invars(prog.jaxpr)[len(p_flat):]
+  vin1 = jx.invars(prog1.jaxpr)[len(p_flat):]
+  for v, v1 in zip(vin, vin1):
+    in_info.append(Info(V, True, _spec(jx.shape(v), jx.shape(v1), b, _no_guess),
                         frozenset(), False))
-  n_out = len(closed.jaxpr.outvars)
+  n_out = len(jx.outvars(prog.jaxpr))
   live_out = [True] + [False] * (n_out - 1)
-  top = an.scope(closed.jaxpr, list(closed.consts), closed1.jaxpr, in_info, live_out, ())
+  top = an.scope(prog, prog1, in_info, live_out, ())
   head = top.out_info[0]
   if head.kind != V or not head.batch:
     raise Unsupported("the per-example losses do not depend on the batch")
@@ -573,36 +592,27 @@ def analyse(fn, params, batch, b, rules) -> Plan:
 # -------------------------------------------------------------------- interpreter
 
 
-def _bind(eqn, invals):
-  params = eqn.primitive.get_bind_params(eqn.params)
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*invals, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
 def _eval(sc: Scope, invals, probes, records, views: bool):
   """Evaluates one level. ``views``: only the P/C part, storing each use's W'."""
   env = {}
-  for v, x in zip(sc.jaxpr.constvars, sc.consts):
+  for v, x in zip(jx.constvars(sc.jaxpr), sc.consts):
     env[v] = x
-  for v, x in zip(sc.jaxpr.invars, invals):
+  for v, x in zip(jx.invars(sc.jaxpr), invals):
     if x is not None:
       env[v] = x
 
   def rd(v):
-    if _is_literal(v):
-      return v.val
+    if jx.is_literal(v):
+      return jx.literal_value(v)
     return env.get(v)
 
-  for i, (eqn, act) in enumerate(zip(sc.jaxpr.eqns, sc.actions)):
+  for i, (eqn, act) in enumerate(zip(jx.eqns(sc.jaxpr), sc.actions)):
     kind = act[0]
-    if kind == "skip":
-      continue
-    ins = [rd(v) for v in eqn.invars]
+    ins = [rd(v) for v in jx.ins(eqn)]
     if kind == "bind":
       if views and any(x is None for x in ins):
         continue
-      outs = _bind(eqn, ins)
+      outs = jx.bind(eqn, ins)
     elif kind == "inline":
       outs = _eval(act[1], ins, probes, records, views)
     elif kind == "scan":
@@ -610,32 +620,39 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
         _views_scan(eqn, act[1], act[2], ins, records)
         continue
       outs = _eval_scan(eqn, act[1], ins, probes, records)
+    elif kind == "cond":
+      if views:
+        for child in act[1]:
+          _eval(child, ins[1:], {}, records, True)
+        continue
+      outs = _eval_cond(act[1], ins, probes, records)
     else:  # a use
       use = act[1]
       if views:
         for j in use.p_pos:
           records[(use.uid, j)] = env[use.src[j]] if j in use.src else ins[j]
         continue
-      outs = _bind(eqn, ins)
+      outs = jx.bind(eqn, ins)
       for j in use.rec_pos:
-        if j in use.data.get("needs", use.rec_pos):
+        if j in use.data.needs:
           records[use.rec_key[j]] = ins[j]
     if not views:
       for k, key in sc.probe_at.get(i, ()):
         outs[k] = outs[k] + probes[key].astype(outs[k].dtype)
-    for v, x in zip(eqn.outvars, outs):
-      if not isinstance(v, jcore.DropVar) and x is not None:
+    for v, x in zip(jx.outs(eqn), outs):
+      if not jx.is_dropped(v) and x is not None:
         env[v] = x
-  return [rd(v) for v in sc.jaxpr.outvars]
+  return [rd(v) for v in jx.outvars(sc.jaxpr)]
 
 
 def _views_scan(eqn, child, step_xs, ins, records):
   """W' of the uses inside a scan body; stacked over the steps where they vary."""
-  nc = eqn.params["num_consts"]
+  nc = jx.scan(eqn).num_consts
   base = ins[:nc] + [None] * (len(ins) - nc)
   if not step_xs:
     _eval(child, base, {}, records, True)
     return
+
   def one(xs_vals):
     vals = list(base)
     for j, x in zip(step_xs, xs_vals):
@@ -653,8 +670,8 @@ def _views_scan(eqn, child, step_xs, ins, records):
 
 
 def _eval_scan(eqn, child, ins, probes, records):
-  prm = eqn.params
-  nc, ncar = prm["num_consts"], prm["num_carry"]
+  s = jx.scan(eqn)
+  nc, ncar = s.num_consts, s.num_carry
   consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
   px = {k: probes[k] for k in child.probe_avals}
 
@@ -664,15 +681,47 @@ def _eval_scan(eqn, child, ins, probes, records):
     outs = _eval(child, list(consts) + list(carry) + list(xs_t), px_t, recs, False)
     return outs[:ncar], (outs[ncar:], recs)
 
-  carry, (ys, recs) = lax.scan(body, list(init), (list(xs), px), length=prm["length"],
-                               reverse=prm["reverse"], unroll=prm["unroll"])
+  carry, (ys, recs) = lax.scan(body, list(init), (list(xs), px), length=s.length,
+                               reverse=s.reverse, unroll=s.unroll)
   records.update(recs)
   return list(carry) + list(ys)
 
 
+def _eval_cond(children, ins, probes, records):
+  """``lax.switch`` over the branches; each returns every branch's records (zeros
+  for the branches not taken), so the untaken uses contribute exactly zero."""
+  index, ops = ins[0], list(ins[1:])
+
+  def branch(child):
+    def run(ops_):
+      recs = {}
+      outs = _eval(child, list(ops_), probes, recs, False)
+      return outs, recs
+    return run
+
+  shapes = [jax.eval_shape(branch(child), ops) for child in children]
+  keys = {}
+  for _, recs in shapes:
+    for k, s in recs.items():
+      keys[k] = s
+
+  def padded(child):
+    run = branch(child)
+
+    def fn(ops_):
+      outs, recs = run(ops_)
+      return outs, {k: recs[k] if k in recs else jnp.zeros(s.shape, s.dtype)
+                    for k, s in keys.items()}
+    return fn
+
+  outs, recs = lax.switch(index, [padded(child) for child in children], ops)
+  records.update(recs)
+  return list(outs)
+
+
 def probe_shapes(plan: Plan) -> dict:
-  """{(uid, k): ShapeDtypeStruct} of every probe (stacked over enclosing scans)."""
-  return {key: jax.ShapeDtypeStruct(tuple(stack) + tuple(aval.shape), aval.dtype)
+  """{key: ShapeDtypeStruct} of every probe (stacked over enclosing scans)."""
+  return {key: jx.shaped(tuple(stack) + tuple(aval.shape), aval.dtype)
           for key, (aval, stack) in plan.top.probe_avals.items()}
 
 
@@ -686,8 +735,8 @@ def run_probes(plan: Plan, p_flat, b_flat, probes):
 def run_views(plan: Plan, p_flat) -> dict:
   """{(uid, j): W'} the parameter operand of every use, from the parameters only."""
   records = {}
-  _eval(plan.top, list(p_flat) + [None] * (len(plan.top.jaxpr.invars) - len(p_flat)),
-        {}, records, True)
+  n_in = len(jx.invars(plan.top.jaxpr))
+  _eval(plan.top, list(p_flat) + [None] * (n_in - len(p_flat)), {}, records, True)
   return records
 
 
@@ -697,8 +746,3 @@ def origin_of(use: Use, j: int) -> frozenset:
 
 def iso_of(use: Use, j: int) -> bool:
   return use.in_info[j].iso
-
-
-def w_var(use: Use, j: int) -> Any:
-  return use.eqn.invars[j]
-

@@ -1,29 +1,28 @@
 """Ghost-norm rules, one module per family, registered by primitive name.
 
-``RULES[primitive_name]`` is the rule tried first for a use of parameters by that
-primitive; ``RULES["fallback"]`` takes every use no rule matches. See
-:mod:`gradclip_jax.dp` for the rules' formulas and citations.
+:mod:`._base` defines the protocol (``Rule``, ``Unit``, the forms and their costs)
+and the registry; each module registers its rule with ``@register(primitive, ...)``
+(the fallback with ``@register_fallback``, cross terms between families with
+``@register_cross``). Importing this package registers them all. See
+:mod:`gradclip_jax.dp` for the formulas and the DP guide for adding a rule.
 """
 
-from gradclip_jax.dp._rules.dot_general import DotGeneral
-from gradclip_jax.dp._rules.elementwise import Elementwise
-from gradclip_jax.dp._rules.fallback import Conv
-from gradclip_jax.dp._rules.fallback import Fallback
-from gradclip_jax.dp._rules.gather import Gather
+from gradclip_jax.dp._rules import conv  # noqa: F401  (registers its rule)
+from gradclip_jax.dp._rules import dot_general  # noqa: F401
+from gradclip_jax.dp._rules import elementwise  # noqa: F401
+from gradclip_jax.dp._rules import fallback  # noqa: F401
+from gradclip_jax.dp._rules import gather  # noqa: F401
+from gradclip_jax.dp._rules import tied  # noqa: F401
+from gradclip_jax.dp._rules._common import Canon
+from gradclip_jax.dp._rules._base import NORM
+from gradclip_jax.dp._rules._base import PER_EXAMPLE
+from gradclip_jax.dp._rules._base import REGISTRY
+from gradclip_jax.dp._rules._base import Cost
+from gradclip_jax.dp._rules._base import Rule
+from gradclip_jax.dp._rules._base import Unit
+from gradclip_jax.dp._rules._base import register
+from gradclip_jax.dp._rules._base import register_cross
+from gradclip_jax.dp._rules._base import register_fallback
 
-_ELEMENTWISE = Elementwise()
-
-RULES = {
-    "dot_general": DotGeneral(),
-    "gather": Gather(),
-    "add": _ELEMENTWISE,
-    "sub": _ELEMENTWISE,
-    "mul": _ELEMENTWISE,
-    "conv_general_dilated": Conv(),
-    "fallback": Fallback(),
-}
-
-#: The exact rule families, as ``ghost_coverage`` names them.
-EXACT_FAMILIES = ("dot_general", "gather", "elementwise", "conv_general_dilated")
-
-__all__ = ["RULES", "EXACT_FAMILIES"]
+__all__ = ["REGISTRY", "Canon", "NORM", "PER_EXAMPLE", "Cost", "Rule", "Unit", "register",
+           "register_cross", "register_fallback"]

@@ -1,12 +1,11 @@
-"""Helpers shared by the rules: example-major layouts, float32, masks, the rule base."""
+"""Array helpers shared by the rules: example-major layouts, float32, masks."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from gradclip_jax.dp import _trace
@@ -14,18 +13,28 @@ from gradclip_jax.dp import _trace
 HI = lax.Precision.HIGHEST
 
 
+class Canon(NamedTuple):
+  """A use's (or a unit's) arrays: ``ex`` has the example axis first on every leaf
+  (the engine cuts it into chunks of examples); ``shared`` is used whole."""
+  ex: Any
+  shared: Any = None
+
+
 def f32(x):
-  return x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+  """``x`` in float32 (complex64 for complex inputs); wider dtypes are kept."""
+  if jnp.iscomplexobj(x):
+    return x if x.dtype == jnp.complex128 else x.astype(jnp.complex64)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
 
 def sq(x):
-  """|x|^2 in float32 (complex: |re|^2 + |im|^2)."""
+  """|x|^2 in float32 or wider (complex: |re|^2 + |im|^2)."""
   x = f32(x)
   return jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x
 
 
 def per_example_sq(x):
-  """[B, ...] -> [B]: the squared norm of each example's slice, float32."""
+  """[B, ...] -> [B]: the squared norm of each example's slice, float32 or wider."""
   return jnp.sum(sq(x).reshape(x.shape[0], -1), axis=1)
 
 
@@ -50,7 +59,7 @@ def flat(lists):
 
 
 def mask_rows(x, fin, w=None):
-  """``where(fin_b, w_b * x_b, 0)`` along the leading example axis, float32."""
+  """``where(fin_b, w_b * x_b, 0)`` along the leading example axis, float32 or wider."""
   shp = (-1,) + (1,) * (x.ndim - 1)
   y = f32(x)
   if w is not None:
@@ -75,44 +84,16 @@ def example_mask(shape, spec: _trace.Spec, b: int, idx):
   return m.reshape([n if d == spec.axis else 1 for d in range(len(shape))])
 
 
-def zero_cotangent(aval):
-  if np.issubdtype(aval.dtype, np.inexact):
-    return jnp.zeros(aval.shape, aval.dtype)
-  return np.zeros(aval.shape, jax.dtypes.float0)
+def size_of(shape) -> int:
+  return int(np.prod(shape, dtype=np.int64))
 
 
-class Rule:
-  """A rule family. Subclasses fill in ``family`` and the methods below.
-
-  ``match(use)`` -> static data (a dict, with ``"needs"``: the recorded operand
-  positions the rule reads) or ``None`` when the rule does not apply.
-  ``merge_key(use)`` -> key under which uses of the same parameter operand with the
-  same form are concatenated (``None``: never merged).
-  ``canon(use, recs, gs, b)`` -> the per-use arrays, example axis first.
-  ``concat(canons)``, ``sq(canon) -> [B]``, ``weighted(canon, w, fin, wshapes) ->
-  {j: sum_b w_b dW'_b}``, ``per_example(canon, wshapes) -> {j: [B, *W'.shape]}``.
-  """
-
-  family = ""
-
-  def match(self, use) -> Any:
-    raise NotImplementedError
-
-  def merge_key(self, use) -> Any:
-    return None
-
-  def concat(self, canons):
-    if len(canons) != 1:
-      raise NotImplementedError
-    return canons[0]
-
-  def name(self, use) -> str:
-    return self.family
-
-  def temp_bytes(self, use, b) -> int:
-    """Estimated bytes per example of the rule's temporaries."""
-    return 0
+def steps_of(use) -> int:
+  """The number of steps of the scans enclosing a use (1 outside any scan)."""
+  return int(np.prod(use.stack, dtype=np.int64)) if use.stack else 1
 
 
-def size_of(aval) -> int:
-  return int(np.prod(aval.shape, dtype=np.int64))
+def weight_stack(use, j):
+  """(levels, lengths) of the scans over which ``W'_j`` has one weight per step."""
+  levels = tuple(use.in_info[j].wstack)
+  return levels, tuple(use.stack[i] for i in levels)

@@ -1,148 +1,190 @@
-"""Per-operation per-example gradients: ``conv_general_dilated`` and the fallback.
+"""The per-operation fallback: per-example gradients of one operation.
 
-For one operation ``y = op(x, W')`` that reads parameters, the per-example gradient
-``dW'_b`` is the VJP of *that operation only*, from its recorded operands and output
-gradient, vmapped over the examples (never a re-run of the whole model):
+For one operation ``y = op(x, W')`` that reads parameters and no rule covers, the
+per-example gradient ``dW'_b`` is the VJP of *that operation only*, from its recorded
+operands and output gradient, vmapped over the examples (never a re-run of the whole
+model):
 
 * ``"rebind"`` (primitives whose parameters do not depend on the batch size, e.g.
-  ``conv_general_dilated``, ``div``, ``max``, ``cumsum``): the primitive is applied to
-  each example's slice (batch size 1) and its VJP is vmapped over the examples; cost
-  about one extra application of the operation and its VJP.
+  ``div``, ``max``, ``cumsum``): the primitive is applied to each example's slice
+  (batch size 1) and its VJP is vmapped over the examples; cost about one extra
+  application of the operation and its VJP. Outside scans this runs per chunk of
+  examples, from the records.
 * ``"masked"`` (operations with an inner program traced at the batch size, e.g.
-  ``custom_vjp_call``, ``cond``, a ``scan`` with parameters in its carry or scanned
-  inputs): the operation's VJP at the full batch is applied once per example to the
-  output gradient masked to that example (``B`` VJPs, vmapped).
+  ``custom_vjp_call``, ``while``, a ``cond`` whose branch depends on the example, a
+  ``scan`` with parameters in its carry): the operation's VJP at the full batch is
+  applied once per example to the output gradient masked to that example (``B``
+  VJPs, vmapped).
 
-Both hold ``B x |W'|`` per-example gradients. ``conv_general_dilated`` with a
-parameter kernel (any rank, strides, dilation, feature groups) uses "rebind" and is an
-exact per-layer rule; every other operation is reported as ``"fallback: <primitive>"``.
+Both hold ``B x |W'|`` per-example gradients (the :data:`PER_EXAMPLE` form only).
+``ghost_coverage`` reports these uses as ``"fallback: <primitive>"``; the
+``conv_general_dilated`` rule (:mod:`.conv`) is the "rebind" form as an exact
+per-layer rule.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
+from gradclip_jax.dp import _jaxpr as jx
 from gradclip_jax.dp import _trace
 from gradclip_jax.dp._rules import _common as cm
+from gradclip_jax.dp._rules._base import Cost
+from gradclip_jax.dp._rules._base import PER_EXAMPLE
+from gradclip_jax.dp._rules._base import Rule
+from gradclip_jax.dp._rules._base import Unit
+from gradclip_jax.dp._rules._base import register_fallback
 
 
-def _has_jaxpr(params) -> bool:
-  return any(isinstance(v, (_trace.jcore.ClosedJaxpr, _trace.jcore.Jaxpr)) or callable(v)
-             for v in params.values())
+class FallbackData(NamedTuple):
+  needs: tuple  # every data operand
+  mode: str     # "rebind" or "masked"
 
 
-def _literal_or(use, j, vals):
-  v = use.eqn.invars[j]
-  return v.val if _trace._is_literal(v) else vals[j]  # pylint: disable=protected-access
+class Fronts(NamedTuple):
+  """Example-major operands of one use (``rebind`` outside scans)."""
+  xs: dict  # operand j -> [B, ...] its per-example slices
+  gs: dict  # output k -> [B, ...] the output gradient's per-example slices
 
 
-def _step_grads(use, mode, vals, gs, b):
-  """Per-example grads {j: [B, *W'_j.shape]} of one (unstacked) step."""
-  eqn = use.eqn
-  p_pos = list(use.p_pos)
-  ws = [vals[j] for j in p_pos]
-  n_in = len(eqn.invars)
+class Shared(NamedTuple):
+  vals: dict  # operand j -> the value read whole (W', constants, literals)
 
-  def full(wvals, others, one_example):
-    out = list(others)
-    for j, w in zip(p_pos, wvals):
-      if j in use.pre:  # W'_j read broadcast over the batch
-        dims, shape, bspec = use.pre[j]
-        shape = list(shape)
-        if one_example:
-          shape[bspec.axis] = bspec.outer * bspec.inner
-        w = lax.broadcast_in_dim(w, tuple(shape), dims)
-      out[j] = w
-    return out
 
-  avals = [v.aval for v in eqn.outvars]
-  if mode == "rebind":
-    fronts, axes = [], []
-    for j in range(n_in):
-      x = vals[j]
-      sp = use.in_info[j].spec
-      if j in p_pos or not isinstance(sp, _trace.Spec):
-        fronts.append(x)
-        axes.append(None)
-      else:
-        fronts.append(cm.to_front(x, sp, b))
-        axes.append(0)
-    gfront = []
-    for k, aval in enumerate(avals):
+def _with_w(use, wvals, others, one_example):
+  """The operands of the use with ``W'`` values ``wvals`` (re-broadcast if needed)."""
+  out = list(others)
+  for j, w in zip(use.p_pos, wvals):
+    if j in use.pre:  # W'_j read broadcast over the batch
+      dims, shape, bspec = use.pre[j]
+      shape = list(shape)
+      if one_example:
+        shape[bspec.axis] = bspec.outer * bspec.inner
+      w = lax.broadcast_in_dim(w, tuple(shape), dims)
+    out[j] = w
+  return out
+
+
+def _rebind_one(use, shared_vals, xs, gk):
+  """One example's ``{j: dW'_j}``: the operation at batch size 1 and its VJP."""
+  n_in = len(use.in_shapes)
+  others = [xs[j] if j in xs else shared_vals.get(j) for j in range(n_in)]
+  ws = [shared_vals[j] for j in use.p_pos]
+
+  def f(*wv):
+    return jx.bind(use.eqn, _with_w(use, wv, others, True))
+
+  outs, vjp = jax.vjp(f, *ws)
+  cts = []
+  for k, o in enumerate(outs):
+    cts.append(gk[k].astype(o.dtype) if k in gk else jx.zero_cotangent(o.shape, o.dtype))
+  return {j: cm.f32(r) for j, r in zip(use.p_pos, vjp(cts))}
+
+
+def _masked(use, vals, gl, b):
+  """``{j: [B, *W'_j]}``: the VJP at the full batch, once per example (masked)."""
+  others = list(vals)
+
+  def f(*wv):
+    return jx.bind(use.eqn, _with_w(use, wv, others, False))
+
+  outs, vjp = jax.vjp(f, *[vals[j] for j in use.p_pos])
+
+  def one(idx):
+    cts = []
+    for k, o in enumerate(outs):
       if k in use.probe_pos:
-        gfront.append(cm.to_front(gs[k], use.out_info[k].spec, b))
+        m = cm.example_mask(o.shape, use.out_info[k].spec, b, idx)
+        cts.append(jnp.where(m, gl[k].astype(o.dtype), jnp.zeros((), o.dtype)))
+      else:
+        cts.append(jx.zero_cotangent(use.out_shapes[k], use.out_dtypes[k]))
+    return {j: cm.f32(r) for j, r in zip(use.p_pos, vjp(cts))}
 
-    def one(others, gk):
-      def f(*wv):
-        return _trace._bind(eqn, full(wv, others, True))  # pylint: disable=protected-access
-      outs, vjp = jax.vjp(f, *ws)
-      cts, it = [], iter(gk)
-      for k, o in enumerate(outs):
-        cts.append(next(it).astype(o.dtype) if k in use.probe_pos
-                   else cm.zero_cotangent(jax.core.ShapedArray(o.shape, o.dtype)))
-      return vjp(cts)
-
-    in_axes = ([a for a in axes], [0] * len(gfront))
-    res = jax.vmap(one, in_axes=in_axes)(fronts, gfront)
-  else:
-    others = list(vals)
-
-    def f(*wv):
-      return _trace._bind(eqn, full(wv, others, False))  # pylint: disable=protected-access
-
-    outs, vjp = jax.vjp(f, *ws)
-
-    def one(idx):
-      cts = []
-      for k, o in enumerate(outs):
-        if k in use.probe_pos:
-          sp = use.out_info[k].spec
-          m = cm.example_mask(o.shape, sp, b, idx)
-          cts.append(jnp.where(m, gs[k].astype(o.dtype), jnp.zeros((), o.dtype)))
-        else:
-          cts.append(cm.zero_cotangent(avals[k]))
-      return vjp(cts)
-
-    res = jax.vmap(one)(jnp.arange(b))
-  return {j: cm.f32(r) for j, r in zip(p_pos, res)}
+  return jax.vmap(one)(jnp.arange(b))
 
 
-def per_example_grads(use, mode, recs, gs, views, b):
+def _fronts(use, vals, gl, b):
+  xs, shared = {}, {}
+  for j, x in enumerate(vals):
+    sp = use.in_info[j].spec
+    if j in use.p_pos or not isinstance(sp, _trace.Spec):
+      shared[j] = x
+    else:
+      xs[j] = cm.to_front(x, sp, b)
+  gs = {k: cm.to_front(gl[k], use.out_info[k].spec, b) for k in use.probe_pos}
+  return Fronts(xs, gs), Shared(shared)
+
+
+def _rebind_all(use, fronts, shared):
+  return jax.vmap(lambda xs, gk: _rebind_one(use, shared.vals, xs, gk))(
+      fronts.xs, fronts.gs)
+
+
+def per_example_grads(use, recs, gs, views, b):
   """{j: [B, *W'_j.shape]} float32, summed over the steps of enclosing scans."""
+  mode = use.data.mode
   ns = len(use.stack)
-  n_in = len(use.eqn.invars)
+  n_in = len(use.in_shapes)
   vals = [None] * n_in
   for j in use.p_pos:
     vals[j] = views[j]
   for j in range(n_in):
     if j not in use.p_pos:
-      vals[j] = recs[j] if j in recs else _literal_or(use, j, recs)
-  gl = [gs.get(k) for k in range(len(use.eqn.outvars))]
+      vals[j] = recs[j] if j in recs else use.literals.get(j)
+  gl = {k: gs[k] for k in use.probe_pos}
+
+  def step(vs, gk):
+    if mode == "rebind":
+      return _rebind_all(use, *_fronts(use, vs, gk, b))
+    return _masked(use, vs, gk, b)
+
   if ns == 0:
-    return _step_grads(use, mode, vals, gl, b)
-  steps = int(np.prod(use.stack))
+    return step(vals, gl)
+  steps = cm.steps_of(use)
   stacked = [j for j in range(n_in) if j not in use.p_pos and j in recs]
   xs_v = {j: vals[j].reshape((steps,) + vals[j].shape[ns:]) for j in stacked}
-  xs_g = {k: g.reshape((steps,) + g.shape[ns:]) for k, g in enumerate(gl) if g is not None}
-  init = {j: jnp.zeros((b,) + tuple(jnp.shape(vals[j])), jnp.float32) for j in use.p_pos}
+  xs_g = {k: g.reshape((steps,) + g.shape[ns:]) for k, g in gl.items()}
+  init = {j: jnp.zeros((b,) + tuple(jnp.shape(vals[j])), cm.f32(vals[j]).dtype)
+          for j in use.p_pos}
 
   def body(acc, x):
     xv, xg = x
     v = list(vals)
     for j in stacked:
       v[j] = xv[j]
-    g = [xg.get(k) for k in range(len(gl))]
-    r = _step_grads(use, mode, v, g, b)
+    r = step(v, xg)
     return {j: acc[j] + r[j] for j in acc}, None
 
   acc, _ = lax.scan(body, init, (xs_v, xs_g))
   return acc
 
 
-class Fallback(cm.Rule):
+class PerOperation(Rule):
+  """Rules whose only form is the per-example gradient of the one operation."""
+
+  def canon(self, use, recs, gs, views, b):
+    vw = {j: views[(use.uid, j)] for j in use.p_pos}
+    if use.data.mode == "rebind" and not use.stack:
+      vals = [None] * len(use.in_shapes)
+      for j in use.p_pos:
+        vals[j] = vw[j]
+      for j in range(len(vals)):
+        if j not in use.p_pos:
+          vals[j] = recs[j] if j in recs else use.literals.get(j)
+      fronts, shared = _fronts(use, vals, {k: gs[k] for k in use.probe_pos}, b)
+      return cm.Canon(fronts, shared)
+    return cm.Canon(per_example_grads(use, recs, gs, vw, b))
+
+  def unit(self, group):
+    return PerOperationUnit(self, [group])
+
+
+@register_fallback
+class Fallback(PerOperation):
   family = "fallback"
 
   def match(self, use):
@@ -159,50 +201,31 @@ class Fallback(cm.Rule):
       if use.in_info[j].spec == _trace.UNKNOWN:
         raise _trace.Unsupported(f"the example axis of an operand of {use.prim!r} "
                                  f"{use.where} could not be located")
-    mode = "rebind" if (use.params_same and not _has_jaxpr(use.eqn.params)) else "masked"
+    mode = "rebind" if (use.params_same and not jx.has_subprogram(use.eqn)) else "masked"
     if mode == "rebind" and any(isinstance(use.in_info[j].spec, _trace.Spec) and
                                 use.in_info[j].spec.inner * use.in_info[j].spec.outer != 1
                                 for j in use.rec_pos):
       mode = "masked"
-    return {"needs": use.rec_pos, "mode": mode}
+    return FallbackData(needs=use.rec_pos, mode=mode)
 
   def name(self, use):
     return f"fallback: {use.prim}"
 
-  def temp_bytes(self, use, b):
-    w = sum(cm.size_of(use.eqn.invars[j].aval) for j in use.p_pos)
-    if use.data.get("mode") == "masked":
-      w += sum(cm.size_of(use.eqn.outvars[k].aval) for k in use.probe_pos)
-    return 4 * w
 
-  def canon(self, use, recs, gs, b, views=None):
-    return {"pe": per_example_grads(use, use.data["mode"], recs, gs, views, b)}
+class PerOperationUnit(Unit):
+  """One use on the per-operation path (such uses are never merged: no merge key)."""
 
-  def sq(self, c):
-    return sum(cm.per_example_sq(x) for x in c["pe"].values())
+  def forms(self, b):
+    w = 0
+    for u in self.groups[0].uses:
+      w = max(w, sum(cm.size_of(u.w_shape(j)) for j in u.p_pos))
+    return {PER_EXAMPLE: Cost(flops=2 * w, bytes=4 * w)}
 
-  def weighted(self, c, w, fin, wshapes):
-    return {j: jnp.sum(cm.mask_rows(x, fin, w), axis=0) for j, x in c["pe"].items()}
+  def per_example(self, c):
+    if isinstance(c.ex, Fronts):
+      return _rebind_all(self.groups[0].uses[0], c.ex, c.shared)
+    return c.ex
 
-  def per_example(self, c, wshapes):
-    return dict(c["pe"])
-
-
-class Conv(Fallback):
-  """``conv_general_dilated`` with a parameter kernel: per-example kernel gradients."""
-  family = "conv_general_dilated"
-
-  def match(self, use):
-    if use.p_pos != (1,) or len(use.eqn.invars) != 2 or use.in_info[1].wstack:
-      return None
-    prm = use.eqn.params
-    sp = use.in_info[0].spec
-    dn = prm["dimension_numbers"]
-    lhs_batch = dn.lhs_spec[0] if dn is not None else 0
-    if (prm.get("batch_group_count", 1) != 1 or not isinstance(sp, _trace.Spec)
-        or sp.axis != lhs_batch or not use.params_same):
-      return None
-    return {"needs": (0,), "mode": "rebind"}
-
-  def name(self, use):
-    return self.family
+  def split(self, raw):
+    u0 = self.groups[0].uses[0]
+    return {(u0.uid, j): x for j, x in raw.items()}
