@@ -1,36 +1,41 @@
-"""Cost of DP-SGD steps: plain SGD vs vmap(grad) clipping vs ghost clipping.
+"""Cost of a DP-SGD step against a plain step: ghost clipping, per-example vmap.
 
-Three IMDB-sized classifiers (right padding masked by the lengths, masked mean
-pooling, 2 classes):
+Models (``--models``):
 
-* ``lstm``: linen ``nn.RNN(nn.LSTMCell(128))`` over ``nn.Embed(20000, 128)``, T = 256;
-* ``olstm``: the same with ``nn.OptimizedLSTMCell(128)`` (Flax's recommended cell,
-  fused gate kernels), T = 256;
-* ``nnx_tf``: a ``flax.nnx`` transformer encoder, ``nnx.Embed(20000, 128)`` plus
-  learned positions, 2 pre-LayerNorm blocks (``nnx.MultiHeadAttention`` with 4
-  heads and the padding mask, a 512-wide GELU MLP), T = 128; its parameters are
-  split off with ``nnx.split`` and merged back inside the loss.
+* ``lstm``: linen ``nn.RNN(nn.LSTMCell(128))`` over ``nn.Embed(20000, 128)``, T = 256,
+  masked mean pooling, 2 classes (an IMDB-sized classifier);
+* ``olstm``: the same with ``nn.OptimizedLSTMCell(128)`` (fused gate kernels);
+* ``nnx_tf``: a ``flax.nnx`` transformer encoder, ``nnx.Embed(20000, 128)`` plus learned
+  positions, 2 pre-LayerNorm blocks (``nnx.MultiHeadAttention``, 4 heads, the padding
+  mask, a 512-wide GELU MLP), T = 128;
+* ``nnx_lm``: a ``flax.nnx`` causal language model with tied input/output embeddings
+  (vocabulary 8192, width 256, 4 pre-LayerNorm blocks with ``jax.nn.dot_product_attention``
+  and a 1024-wide MLP), T = 128, the loss of an example its mean next-token loss.
 
-One *process per (model, mode, batch size)*, so each has its own peak RSS, read with
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the child after the timed steps.
-The step time is the median over ``--steps`` timed steps after one warm-up step,
-each ended by ``jax.block_until_ready``.
+Modes: ``plain`` (the gradient of the mean loss), ``ghost``
+(``clipped_grad(method="ghost")`` with default arguments), ``vmap``
+(``clipped_grad(method="vmap")``: per-example gradients of the whole model); every
+mode is followed by the same update (Gaussian noise for the DP modes, ``1/B``, SGD),
+jitted with the parameters and optimizer state donated.
 
-Modes: ``plain`` (grad of the mean loss + SGD), ``vmap`` (clipped_grad(method="vmap")
-+ add_noise + SGD: per-example gradients of the whole model), ``ghost``
-(clipped_grad(method="ghost") with default arguments + add_noise + SGD).
-``--ghost-budgets 512`` adds, in the same run, ghost rows with
-``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` set to each given MiB (an A/B of the
-default microbatch budget; the mode column reads ``ghost@512MiB``).
+**Time**: one process per (model, B) compiles every mode, then times them in
+interleaved rounds (each round runs each mode once, in turn, ended by
+``jax.block_until_ready``), after a warm-up; the ratio to ``plain`` is the median of
+the per-round ratios, so a change of the machine's speed during the run hits both
+sides alike. **Memory**: XLA's memory analysis of each compiled step (temporaries),
+and the peak RSS of a separate process per (model, mode, B) that compiles and runs two
+steps of that mode alone (``--no-rss`` skips these).
 
-  python benchmarks/dp_cost.py                                 # B in {256, 1024}
-  python benchmarks/dp_cost.py --models olstm --batch-sizes 256 --modes plain ghost
-  python benchmarks/dp_cost.py --quick                         # small shapes, seconds
+``--ghost-budgets 512`` adds, in the same processes, ghost modes with
+``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` set to each given MiB (``ghost@512MiB``).
 
-Timings go under the shared lock (``flock /tmp/gradclip-timing.lock python ...``).
-Without ``--quick`` the table is written to
-``results/dp_cost-<device>-<date>.{json,md}`` (``--out PREFIX`` to change it,
-``--no-write`` to skip).
+    python benchmarks/dp_cost.py                      # all models, their default B
+    python benchmarks/dp_cost.py --models lstm --batch-sizes 256 --rounds 7
+    python benchmarks/dp_cost.py --quick              # tiny shapes, a smoke check
+
+Run it alone on the machine (``flock /tmp/gradclip-timing.lock python ...``). The
+load average before and after, the versions and the command go to the result file
+``results/dp_cost-<backend>-<date>.{json,md}`` (``--out PREFIX``, ``--no-write``).
 """
 from __future__ import annotations
 
@@ -44,11 +49,15 @@ import subprocess
 import sys
 import time
 
-MODELS = ("lstm", "olstm", "nnx_tf")
+MODELS = ("lstm", "olstm", "nnx_tf", "nnx_lm")
 FULL = {"vocab": 20_000, "embed": 128, "hidden": 128,
-        "T": {"lstm": 256, "olstm": 256, "nnx_tf": 128}, "blocks": 2, "heads": 4}
+        "T": {"lstm": 256, "olstm": 256, "nnx_tf": 128, "nnx_lm": 128}, "blocks": 2,
+        "heads": 4, "lm": {"vocab": 8192, "width": 256, "blocks": 4, "heads": 4}}
 QUICK = {"vocab": 500, "embed": 16, "hidden": 16,
-         "T": {"lstm": 16, "olstm": 16, "nnx_tf": 16}, "blocks": 2, "heads": 4}
+         "T": {"lstm": 16, "olstm": 16, "nnx_tf": 16, "nnx_lm": 16}, "blocks": 2,
+         "heads": 4, "lm": {"vocab": 300, "width": 16, "blocks": 2, "heads": 2}}
+#: The batch size of each model when ``--batch-sizes`` is not given.
+DEFAULT_B = {"lstm": 256, "olstm": 256, "nnx_tf": 256, "nnx_lm": 32}
 
 
 def _linen_classifier(cell_name: str, cfg: dict):
@@ -112,6 +121,50 @@ def _nnx_transformer(cfg: dict, t: int):
   return Classifier(nnx.Rngs(0))
 
 
+def _nnx_lm(cfg: dict, t: int):
+  """A causal LM whose output projection is the token embedding (tied)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  lm = cfg["lm"]
+  d, heads = lm["width"], lm["heads"]
+
+  class Block(nnx.Module):
+
+    def __init__(self, rngs):
+      self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+      self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+      self.proj = nnx.Linear(d, d, rngs=rngs)
+      self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+      self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+      self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+      b, n, _ = x.shape
+      q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, n, 3 * heads, d // heads), 3,
+                          axis=2)
+      a = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n, d)
+      x = x + self.proj(a)
+      return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+  class LM(nnx.Module):
+
+    def __init__(self, rngs):
+      self.tok = nnx.Embed(lm["vocab"], d, rngs=rngs)
+      self.pos = nnx.Param(jax.random.normal(rngs.params(), (t, d)) * 0.02)
+      self.blocks = nnx.List([Block(rngs) for _ in range(lm["blocks"])])
+      self.ln = nnx.LayerNorm(d, rngs=rngs)
+
+    def __call__(self, tok):
+      x = self.tok(tok) + self.pos[...][None, :tok.shape[1]]
+      for block in self.blocks:
+        x = block(x)
+      return self.tok.attend(self.ln(x))  # logits = h @ E^T
+
+  return LM(nnx.Rngs(0))
+
+
 def build(model: str, cfg: dict, key):
   """(per-example loss fn, params, batch maker) for one benchmark model."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -131,7 +184,7 @@ def build(model: str, cfg: dict, key):
   if model in ("lstm", "olstm"):
     net = _linen_classifier("LSTMCell" if model == "lstm" else "OptimizedLSTMCell", cfg)
     tok, lengths, _ = batch(2)
-    params = net.init(key, tok, lengths)
+    params = jax.jit(net.init)(key, tok, lengths)
 
     def loss_fn(p, tok, lengths, y):
       return ce(net.apply(p, tok, lengths), y)
@@ -141,27 +194,29 @@ def build(model: str, cfg: dict, key):
 
     def loss_fn(p, tok, lengths, y):
       return ce(nnx.merge(graphdef, p, rest)(tok, lengths), y)
+  elif model == "nnx_lm":
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, params, rest = nnx.split(_nnx_lm(cfg, t + 1), nnx.Param, ...)
+    vocab = cfg["lm"]["vocab"]
+
+    def batch(b):  # noqa: F811  (token sequences of t + 1: inputs and targets)
+      return (jax.random.randint(jax.random.fold_in(key, b), (b, t + 1), 0, vocab),)
+
+    def loss_fn(p, tok):
+      logits = nnx.merge(graphdef, p, rest)(tok[:, :-1])
+      return ce(logits, tok[:, 1:]).mean(axis=1)
   else:
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
   return loss_fn, params, batch
 
 
-def child(model: str, mode: str, b: int, steps: int, quick: bool,
-          microbatch: int | None = None, budget_mib: int | None = None) -> dict:
-  import resource  # pylint: disable=import-outside-toplevel
-
+def _step(mode: str, loss_fn, b: int, budget_mib):
+  """(jitted step, optimizer) of one mode; the step is (params, state, *batch)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
 
   import gradclip_jax  # pylint: disable=import-outside-toplevel
   import gradclip_jax.dp  # pylint: disable=import-outside-toplevel
-
-  if budget_mib is not None:
-    gradclip_jax.dp.GHOST_MEMORY_BUDGET = budget_mib * 2 ** 20
-  cfg = QUICK if quick else FULL
-  loss_fn, params, make_batch = build(model, cfg, jax.random.key(0))
-  batch = make_batch(b)
 
   if mode == "plain":
     tx = optax.sgd(0.1)
@@ -171,160 +226,249 @@ def child(model: str, mode: str, b: int, steps: int, quick: bool,
   else:
     tx = optax.chain(gradclip_jax.add_noise(1.0, 1.0, seed=0), optax.scale(1.0 / b),
                      optax.sgd(0.1))
-    grads_fn = gradclip_jax.clipped_grad(loss_fn, max_norm=1.0, method=mode,
-                                         microbatch_size=microbatch)
+    clipped = gradclip_jax.clipped_grad(loss_fn, max_norm=1.0, method=mode)
 
-  opt_state = tx.init(params)
+    def grads_fn(p, *batch):
+      old = gradclip_jax.dp.GHOST_MEMORY_BUDGET
+      gradclip_jax.dp.GHOST_MEMORY_BUDGET = (None if budget_mib is None
+                                             else budget_mib * 2 ** 20)
+      try:  # read while the step is traced
+        return clipped(p, *batch)
+      finally:
+        gradclip_jax.dp.GHOST_MEMORY_BUDGET = old
 
-  @jax.jit
   def step(p, s, *batch):
     g = grads_fn(p, *batch)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, *batch).compile()
-  compile_s = time.perf_counter() - t0
-  rss_compile_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  try:
-    temp_gb = compiled.memory_analysis().temp_size_in_bytes / 2**30
-  except Exception:  # pylint: disable=broad-except
-    temp_gb = float("nan")  # not every backend reports it
-  params, opt_state = compiled(params, opt_state, *batch)  # warm-up
-  jax.block_until_ready(params)
-  times = []
-  for _ in range(steps):
+  return jax.jit(step, donate_argnums=(0, 1)), tx
+
+
+def _modes(modes, budgets):
+  out = [(m, None) for m in modes]
+  if "ghost" in modes:
+    out += [("ghost", mib) for mib in budgets]
+  return out
+
+
+def _label(mode, mib):
+  return mode if mib is None else f"{mode}@{mib}MiB"
+
+
+def timing_child(model: str, b: int, modes: list, budgets: list, rounds: int,
+                 quick: bool) -> dict:
+  """Compiles every mode, then times them in interleaved rounds (one process)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  cfg = QUICK if quick else FULL
+  loss_fn, params0, make_batch = build(model, cfg, jax.random.key(0))
+  batch = make_batch(b)
+  runs = {}
+  for mode, mib in _modes(modes, budgets):
+    step, tx = _step(mode, loss_fn, b, mib)
+    params = jax.tree.map(lambda x: x.copy(), params0)
+    state = tx.init(params)
     t0 = time.perf_counter()
-    params, opt_state = compiled(params, opt_state, *batch)
-    jax.block_until_ready(params)
-    times.append(time.perf_counter() - t0)
-  rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-  label = mode if budget_mib is None else f"{mode}@{budget_mib}MiB"
-  row = {"model": model, "mode": label, "batch": b, "median_s": float(np.median(times)),
-         "min_s": min(times), "steps": steps, "compile_s": compile_s,
-         "peak_rss_gb": rss_gb, "rss_after_compile_gb": rss_compile_gb,
-         "xla_temp_gb": temp_gb, "finite": bool(all(
-             np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params)))}
-  if mode == "ghost":
+    compiled = step.lower(params, state, *batch).compile()
+    compile_s = time.perf_counter() - t0
     try:
-      cov = gradclip_jax.dp.ghost_coverage(loss_fn, params, *make_batch(2))
-      n_fb = sum(str(v).startswith("fallback") or "fallback" in str(v)
-                 for v in cov.values())
-      row["fallback_entries"] = f"{n_fb}/{len(cov)}"
-    except Exception as e:  # pylint: disable=broad-except
-      row["fallback_entries"] = f"? ({type(e).__name__})"
-  return row
+      mem = compiled.memory_analysis()
+      temp_gb = mem.temp_size_in_bytes / 2 ** 30
+    except Exception:  # pylint: disable=broad-except  # not every backend reports it
+      temp_gb = float("nan")
+    params, state = compiled(params, state, *batch)  # warm-up
+    jax.block_until_ready(params)
+    runs[_label(mode, mib)] = {"fn": compiled, "args": [params, state], "times": [],
+                               "compile_s": compile_s, "xla_temp_gb": temp_gb}
+  for _ in range(rounds):
+    for r in runs.values():
+      t0 = time.perf_counter()
+      r["args"] = list(r["fn"](*r["args"], *batch))
+      jax.block_until_ready(r["args"])
+      r["times"].append(time.perf_counter() - t0)
+  base = runs.get("plain")
+  rows = []
+  for label, r in runs.items():
+    row = {"model": model, "batch": b, "mode": label,
+           "median_s": float(np.median(r["times"])), "times_s": r["times"],
+           "compile_s": r["compile_s"], "xla_temp_gb": r["xla_temp_gb"],
+           "finite": bool(all(np.all(np.isfinite(np.asarray(x)))
+                              for x in jax.tree.leaves(r["args"][0])))}
+    if base is not None:
+      ratios = [t / p for t, p in zip(r["times"], base["times"])]
+      row["ratio_median"] = float(np.median(ratios))
+      row["ratio_min"], row["ratio_max"] = float(min(ratios)), float(max(ratios))
+    if label.startswith("ghost"):
+      import gradclip_jax.dp  # pylint: disable=import-outside-toplevel
+      cov = gradclip_jax.dp.ghost_coverage(loss_fn, params0, *batch)
+      row["coverage"] = sorted(set(cov.values()))
+      row["fallback_entries"] = f"{sum(v.startswith('fallback') for v in cov.values())}" \
+                                f"/{len(cov)}"
+    rows.append(row)
+  return {"rows": rows}
+
+
+def rss_child(model: str, b: int, mode: str, mib, quick: bool) -> dict:
+  """Peak RSS of a process that compiles and runs two steps of one mode alone."""
+  import resource  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  cfg = QUICK if quick else FULL
+  loss_fn, params, make_batch = build(model, cfg, jax.random.key(0))
+  batch = make_batch(b)
+  step, tx = _step(mode, loss_fn, b, mib)
+  state = tx.init(params)
+  for _ in range(2):
+    params, state = step(params, state, *batch)
+    jax.block_until_ready(params)
+  return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def _run_child(args: list, timeout: float) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__)] + args
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": "timeout"}
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if line:
+    return json.loads(line[-1][7:])
+  err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+  return {"error": f"rc={proc.returncode}: {err[:160]}"}
 
 
 def _table(rows: list) -> str:
-  plain = {(r["model"], r["batch"]): r for r in rows
-           if r["mode"] == "plain" and "error" not in r}
-  out = ["| model | B | mode | s/step (median) | x plain | peak RSS GB | x plain | "
-         "XLA temp GB | compile s | fallback entries |",
-         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+  out = ["| model | B | mode | s/step (median) | time / plain (median of rounds) | "
+         "range | XLA temp GB | temp / plain | peak RSS GB | RSS / plain | compile s |",
+         "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+  plain = {(r["model"], r["batch"]): r for r in rows if r.get("mode") == "plain"}
   for r in rows:
     if "error" in r:
-      out.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['error']} "
-                 "| | | | | | |")
+      out.append(f"| {r['model']} | {r['batch']} | {r.get('mode', '')} | {r['error']} "
+                 "| | | | | | | |")
       continue
-    p = plain.get((r["model"], r["batch"]))
-    tx = f"{r['median_s'] / p['median_s']:.2f}" if p else "-"
-    mx = f"{r['peak_rss_gb'] / p['peak_rss_gb']:.2f}" if p else "-"
+    p = plain.get((r["model"], r["batch"]), {})
+    rng = (f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else "")
+    tmp = (f"{r['xla_temp_gb'] / p['xla_temp_gb']:.2f}"
+           if p.get("xla_temp_gb") else "")
+    rss = r.get("peak_rss_gb")
+    rss_ratio = (f"{rss / p['peak_rss_gb']:.2f}" if rss and p.get("peak_rss_gb") else "")
     out.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['median_s']:.3f} | "
-               f"{tx} | {r['peak_rss_gb']:.2f} | {mx} | {r['xla_temp_gb']:.2f} | "
-               f"{r['compile_s']:.1f} | {r.get('fallback_entries', '')} |")
+               f"{r.get('ratio_median', float('nan')):.2f} | {rng} | "
+               f"{r['xla_temp_gb']:.3f} | {tmp} | "
+               f"{'' if rss is None else f'{rss:.2f}'} | {rss_ratio} | "
+               f"{r['compile_s']:.1f} |")
   return "\n".join(out)
+
+
+def _versions() -> dict:
+  import importlib.metadata as md  # pylint: disable=import-outside-toplevel
+  out = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  return out
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
   ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                  help="default 256 1024 (8 with --quick)")
-  ap.add_argument("--modes", nargs="+", default=["plain", "vmap", "ghost"],
+                  help="default: each model's DEFAULT_B (8 with --quick)")
+  ap.add_argument("--modes", nargs="+", default=["plain", "ghost"],
                   choices=["plain", "vmap", "ghost"])
-  ap.add_argument("--steps", type=int, default=None,
-                  help="timed steps after the warm-up (default 5, 2 with --quick)")
+  ap.add_argument("--rounds", type=int, default=None,
+                  help="interleaved timing rounds after the warm-up (default 7, 2 "
+                       "with --quick)")
   ap.add_argument("--quick", action="store_true",
-                  help="tiny shapes (vocab 500, width 16, T 16, B 8) for a smoke check")
-  ap.add_argument("--microbatch", type=int, default=None,
-                  help="microbatch_size for the vmap/ghost modes (default: the method's)")
+                  help="tiny shapes (width 16, T 16, B 8) for a smoke check")
   ap.add_argument("--ghost-budgets", type=int, nargs="+", default=[], metavar="MIB",
-                  help="also run the ghost mode with GHOST_MEMORY_BUDGET set to each "
-                       "of these MiB (an A/B of the default budget, same run)")
-  ap.add_argument("--budget-mib", type=int, default=None, help=argparse.SUPPRESS)
-  ap.add_argument("--skip-vmap-above", type=int, default=256,
-                  help="skip vmap at batch sizes above this (its per-example "
-                       "gradients of the 20k x 128 embedding need B x 10 MB)")
-  ap.add_argument("--timeout", type=float, default=1800)
+                  help="also time ghost with GHOST_MEMORY_BUDGET set to each of these "
+                       "MiB (same processes, interleaved)")
+  ap.add_argument("--no-rss", action="store_true",
+                  help="skip the peak-RSS processes (one per model, mode and B)")
+  ap.add_argument("--timeout", type=float, default=3600)
   ap.add_argument("--out", default=None, help="results prefix (default "
-                  "results/dp_cost-cpu-<date>)")
+                  "results/dp_cost-<backend>-<date>)")
   ap.add_argument("--no-write", action="store_true")
-  ap.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "B"),
-                  help=argparse.SUPPRESS)
+  ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
-  steps = args.steps or (2 if args.quick else 5)
+  rounds = args.rounds or (2 if args.quick else 7)
   if args.child:
-    print("RESULT " + json.dumps(child(args.child[0], args.child[1], int(args.child[2]),
-                                       steps, args.quick, args.microbatch,
-                                       args.budget_mib)))
+    kind = args.child[0]
+    if kind == "time":
+      res = timing_child(args.child[1], int(args.child[2]), args.modes, args.ghost_budgets,
+                         rounds, args.quick)
+    else:
+      mib = None if args.child[4] == "-" else int(args.child[4])
+      res = rss_child(args.child[1], int(args.child[2]), args.child[3], mib, args.quick)
+    print("RESULT " + json.dumps(res))
     return 0
-  sizes = args.batch_sizes or ([8] if args.quick else [256, 1024])
 
+  import jax  # pylint: disable=import-outside-toplevel
+  backend = jax.default_backend()
   load0 = os.getloadavg()
-  cfg = QUICK if args.quick else FULL
-  header = (f"dp_cost: vocab {cfg['vocab']}, width {cfg['embed']}, T {cfg['T']}; "
-            f"{os.cpu_count()} CPUs, load avg at start {load0[0]:.2f} {load0[1]:.2f} "
-            f"{load0[2]:.2f}")
+  header = (f"dp_cost on {backend}, {os.cpu_count()} CPUs ({platform.machine()}), "
+            f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
   print("# " + header, flush=True)
   rows = []
+  common = ["--modes", *args.modes, "--rounds", str(rounds)] + (
+      ["--quick"] if args.quick else []) + (
+          ["--ghost-budgets", *map(str, args.ghost_budgets)] if args.ghost_budgets else [])
   for model in args.models:
+    sizes = args.batch_sizes or ([8] if args.quick else [DEFAULT_B[model]])
     for b in sizes:
-      runs = [(mode, None) for mode in args.modes]
-      if "ghost" in args.modes:
-        runs += [("ghost", mib) for mib in args.ghost_budgets]
-      for mode, mib in runs:
-        if mode == "vmap" and b > args.skip_vmap_above:
-          continue
-        cmd = [sys.executable, __file__, "--child", model, mode, str(b),
-               "--steps", str(steps)] + (["--quick"] if args.quick else [])
-        if args.microbatch and mode != "plain":
-          cmd += ["--microbatch", str(min(args.microbatch, b))]
-        if mib is not None:
-          cmd += ["--budget-mib", str(mib)]
-        try:
-          proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                check=False)
-          line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-          if line:
-            rows.append(json.loads(line[-1][7:]))
-          else:
-            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"model": model, "mode": mode, "batch": b,
-                         "error": f"rc={proc.returncode}: {err[:120]}"})
-        except subprocess.TimeoutExpired:
-          rows.append({"model": model, "mode": mode, "batch": b, "error": "timeout"})
-        print(f"  done {model} {mode} B={b}: {rows[-1]}", file=sys.stderr, flush=True)
-
+      print(f"  {model} B={b}: timing {', '.join(args.modes)} in {rounds} interleaved "
+            "rounds ...", file=sys.stderr, flush=True)
+      res = _run_child(["--child", "time", model, str(b)] + common, args.timeout)
+      if "error" in res:
+        rows.append({"model": model, "batch": b, "error": res["error"]})
+        print(f"    failed: {res['error']}", file=sys.stderr, flush=True)
+        continue
+      got = res["rows"]
+      if not args.no_rss:
+        for r in got:
+          mode, _, mib = r["mode"].partition("@")
+          mib = mib[:-3] if mib else "-"
+          print(f"  {model} B={b}: peak RSS of {r['mode']} ...", file=sys.stderr,
+                flush=True)
+          rss = _run_child(["--child", "rss", model, str(b), mode, mib] + (
+              ["--quick"] if args.quick else []), args.timeout)
+          r["peak_rss_gb"] = rss.get("peak_rss_gb")
+      for r in got:
+        print(f"    {r['mode']}: {r['median_s']:.3f} s/step, "
+              f"x{r.get('ratio_median', float('nan')):.2f} plain", file=sys.stderr,
+              flush=True)
+      rows.extend(got)
   load1 = os.getloadavg()
+  footer = f"load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
   table = _table(rows)
-  footer = f"load avg at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
   print(table)
   print("# " + footer)
   if not args.quick and not args.no_write:
     today = datetime.date.today().isoformat()
     prefix = pathlib.Path(args.out or pathlib.Path(__file__).resolve().parents[1]
-                          / "results" / f"dp_cost-cpu-{today}")
-    cmdline = "python benchmarks/dp_cost.py " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+                          / "results" / f"dp_cost-{backend}-{today}")
+    cmdline = "python benchmarks/dp_cost.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     meta = {"command": cmdline, "header": header, "footer": footer,
             "machine": platform.machine(), "python": platform.python_version(),
-            "config": cfg, "steps": steps}
+            "versions": _versions(), "config": FULL, "rounds": rounds, "date": today}
     prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows},
                                                       indent=1) + "\n")
+    vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
     prefix.with_suffix(".md").write_text(
-        f"# dp_cost ({today})\n\n`{cmdline}`\n\n{header}; {footer}. Step time: median of "
-        f"{steps} steps after a warm-up; peak RSS of the process (one per row).\n\n"
+        f"# dp_cost ({today})\n\n`{cmdline}`\n\n{header}; {footer}. {vers}.\n\n"
+        f"Time: every mode compiled in one process per (model, B), then {rounds} "
+        "interleaved rounds after a warm-up; time / plain is the median of the "
+        "per-round ratios (range: smallest and largest). Peak RSS: a separate process "
+        "per row running two steps of that mode alone.\n\n"
         f"{table}\n")
     print(f"# wrote {prefix}.json and .md")
   return 0

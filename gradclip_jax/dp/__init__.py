@@ -28,13 +28,20 @@ parameters, ``pjit``/closed calls, ``checkpoint``, ``custom_jvp`` calls) and dat
 *use*. The program is then run once with a zero *probe* added to every use's output;
 one backward pass of the summed loss, with the parameters as constants, gives every
 use's output gradient ``g`` per example, and the uses' data operands are recorded.
-Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
+Per use, by primitive (``gradclip_jax.dp._rules``, one module per family, each
+registered with ``@register(primitive)``; the protocol is in ``_rules/_base.py``):
 
 * ``dot_general`` (Dense, einsum, attention projections, fused LSTM kernels): with
-  ``T`` positions per example, data rows ``a_t`` and output-gradient rows ``g_t``,
-  the Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` when it needs fewer FLOPs
-  (``T (K + N) <= K N``) or at most twice the FLOPs with ``8 T^2 <= K N``, else the
-  direct ``||sum_t a_t g_t^T||^2`` (Goodfellow 2015; Li et al. 2022);
+  ``T`` positions per example, data rows ``a_t`` (``K`` features) and output-gradient
+  rows ``g_t`` (``N``), one of two exact forms, chosen per use from the traced shapes:
+  the Gram form ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (Goodfellow 2015; Li et al.
+  2022), ``T^2 (K + N)`` per example, with the clipped sum ``sum_b w_b a_b^T g_b`` one
+  product over the batch afterwards (book-keeping, Bu et al. 2023); or the
+  per-example gradient ``G_b = a_b^T g_b`` (``T K N``, the layer's share of a plain
+  weight gradient), formed once for a chunk of examples, its norm taken and ``G_b``
+  *reused* for ``sum_b w_b G_b`` (mixed ghost clipping, Bu et al. 2022). The engine
+  takes the form with fewer FLOPs among those whose memory lets a chunk of
+  ``MIN_CHUNK`` examples fit the budget;
 * ``gather`` of rows (embeddings, ``jnp.take``, indexing): segment sums of ``g`` over
   each example's sorted ids, never a dense ``V x d`` per-example matrix;
 * ``add`` / ``sub`` / ``mul`` with a broadcast parameter (biases, LayerNorm/RMSNorm
@@ -50,6 +57,10 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
   Parameters scanned over as inputs (``nn.scan`` over layers with ``variable_axes=
   {"params": 0}``, ``lax.scan`` over stacked weights) are one weight per step: for
   ``dot_general`` and elementwise uses the step axis is then a weight axis;
+* ``cond`` whose branch index is the same for every example (a branch chosen by the
+  step of a loop, or by a parameter): looked through with all its branches; the
+  branches not taken record zeros, so their uses contribute nothing, and one
+  parameter read in several branches is one use with their positions concatenated;
 * ``dot_general`` uses of *different* parameters that read the same data operand
   (the same value, with the same dimension numbers on its side; e.g. attention's
   query/key/value projections) are one product with their output gradients
@@ -62,24 +73,32 @@ Per use, by primitive (``gradclip_jax.dp._rules``, one module per family):
 * the same parameter operand used several times with the same form (a shared layer):
   positions concatenated; a 2-D table read by ``gather`` and by ``dot_general`` (tied
   input/output embeddings, ``h @ E.T``): ``|G_gather|^2 + |G_dot|^2`` plus the exact
-  cross term ``2 <G_gather, G_dot>`` on the looked-up rows; other parameters reached by
-  uses of different forms, or through non-isometric parameter arithmetic (e.g. a
-  weight penalty added to the loss): exact per-example gradients of those parameters
-  only, from the uses' per-example ``dW'`` mapped back by the VJP of the
-  parameter-only program;
-* anything else (``custom_vjp_call``, ``while``, ``cond``, a ``scan`` carrying
-  parameters in its carry, an unknown primitive): the per-example gradient of that parameter through *that one
-  operation* from its recorded operands and output gradient (the operation's own VJP,
-  vmapped over examples; ``B`` masked VJPs for operations whose inner program was
-  traced at ``B``), never a per-example re-run of the whole model. ``ghost_coverage``
-  names these ``"fallback: <primitive>"``.
+  cross term ``2 <G_gather, G_dot>`` on the looked-up rows (``_rules/tied.py``); other
+  parameters reached by uses of different forms, or through non-isometric parameter
+  arithmetic (e.g. a weight penalty added to the loss): exact per-example gradients
+  of those parameters only, from the uses' per-example ``dW'`` mapped back by the VJP
+  of the parameter-only program;
+* anything else (``custom_vjp_call``, ``while``, a ``cond`` whose branch depends on
+  the example, a ``scan`` carrying parameters in its carry, an unknown primitive): the
+  per-example gradient of that parameter through *that one operation* from its
+  recorded operands and output gradient (the operation's own VJP, vmapped over
+  examples; ``B`` masked VJPs for operations whose inner program was traced at
+  ``B``), never a per-example re-run of the whole model. ``ghost_coverage`` names
+  these ``"fallback: <primitive>"``.
 
 The clipped sum needs no second backward pass (book-keeping, Bu et al. 2023): each
-use's ``sum_b w_b dW'_b`` is formed from the same records with the clip weights
-``w_b``, and one VJP of the parameter-only part of the program maps all of them to
-the parameter leaves. No unclipped weight gradient is ever formed. An example whose
-loss or norm is NaN/inf gets weight zero and contributes exactly zero (its records
-and gradients are masked with ``where``); its norm is reported as computed.
+use's ``sum_b w_b dW'_b`` comes from its records (Gram form) or from the per-example
+gradients already formed (per-example form), and one VJP of the parameter-only part
+of the program maps all of them to the parameter leaves. An example whose loss or norm
+is NaN/inf gets weight zero and contributes exactly zero (its records and gradients
+are masked with ``where``); its norm is reported as computed. Padded examples
+(``mask=``) contribute zero and report a norm of 0.
+
+Mixed precision: parameters stored in float32 and read in bfloat16/float16 (a
+``convert_element_type`` between the parameter and its use, ``preferred_element_type``),
+and bfloat16 parameters, get the same rules; norms and sums are accumulated in float32
+(float64 for float64 parameters) and returned in each parameter's dtype, and the sum
+reaches a float32 parameter without being rounded to the dtype of its use.
 
 Refused with a ``ValueError`` naming the operation and its source line: an operation
 that combines examples (a reduction or normalisation over the batch, e.g. BatchNorm
@@ -87,15 +106,14 @@ with batch statistics, or a value with two example axes). ``method="auto"`` uses
 vmap when the program cannot be analysed (e.g. ``loss_fn`` cannot be traced at
 ``B + 1``) or no parameter gets an exact rule.
 
-Memory: with ``microbatch_size=None`` the ghost method splits the batch into
-microbatches (the largest divisor ``m`` of ``B``) so that its own extra memory over
-a plain step per microbatch - the probe gradients, the largest Gram/direct/
-per-example temporary of one rule, and the per-example gradients of parameters on
-the per-example path, estimated from the traced shapes - stays within a budget:
-``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` bytes when set (read when the step is traced),
-else 128 MiB on CPU and 512 MiB on other backends (``_clipped_grad.DEFAULT_BUDGETS``).
-On CPU the smaller microbatches were faster as well as lighter (the cache; see the DP
-guide's cost section); the accelerator value is not tuned by a measurement. Pass
+Memory: with ``microbatch_size=None`` the model runs on the whole batch unless its
+probe gradients (the output gradients of every use, stacked over the steps of scans)
+would exceed the budget, in which case it runs on the largest divisor ``m`` of ``B``
+that fits; the norms are then computed for chunks of examples whose per-example
+temporaries (the per-example gradients kept for reuse, the largest Gram matrices,
+the per-example gradients of parameters on the per-example path) fit the budget. The
+budget is ``gradclip_jax.dp.GHOST_MEMORY_BUDGET`` bytes when set (read when the step
+is traced), else ``_clipped_grad.DEFAULT_BUDGETS`` for the backend. Pass
 ``microbatch_size`` to choose ``m`` yourself (``microbatch_size=B``: one pass over the
 whole batch).
 """

@@ -579,8 +579,9 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
   Returns ``{"path/of/leaf": rule}`` for every floating-point leaf of ``params``
   (path components joined by ``/``). ``rule`` is one of
 
-  * ``"dot_general"``, ``"gather"``, ``"elementwise"``, ``"conv_general_dilated"``:
-    an exact rule (see :mod:`gradclip_jax.dp`);
+  * ``"dot_general: gram"`` or ``"dot_general: per-example, reused"`` (the form the
+    use takes, see :mod:`gradclip_jax.dp`), ``"gather"``, ``"elementwise"``,
+    ``"conv_general_dilated"``: an exact rule;
   * ``"fallback: <primitive>"``: the per-example gradient of that one operation
     (e.g. ``"fallback: custom_vjp_call"``);
   * ``"unused"``: the losses do not depend on the leaf (its gradient is zero);
@@ -589,10 +590,11 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
   the steps), ``" xN uses"`` when ``N > 1`` operations read the leaf (through the
   same operand, or sharing leaves with other operands), and ``" [fused: N parameters
   on shared operands]"`` when its ``dot_general`` shares one product with other
-  parameters' (the same data operand, or the same output gradients). Leaves whose uses share
-  parameters with a use of another form (e.g. a tied embedding read by ``gather`` and
-  ``dot_general``) get exact per-example gradients of those leaves, named after the
-  first use in program order.
+  parameters' (the same data operand, or the same output gradients). Leaves whose
+  uses share parameters with a use of another form get exact per-example gradients
+  of those leaves, named after the first use of a per-operation rule (else the first
+  use) in program order; a table read by ``gather`` and by ``dot_general`` (tied
+  embeddings) keeps both exact rules with their cross term.
 
   Raises the errors ``clipped_grad(method="ghost")`` raises (e.g. a ``ValueError``
   for an operation that combines examples, such as BatchNorm with batch statistics).
@@ -607,8 +609,8 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
     >>> for k, v in sorted(cov.items()):
     ...   print(k, v)
     b elementwise
-    v dot_general
-    w dot_general
+    v dot_general: gram
+    w dot_general: gram
   """
   plan, _ = _plan(loss_fn, has_aux, params, batch)
   names = _structure(plan).names
