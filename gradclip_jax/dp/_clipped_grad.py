@@ -321,8 +321,8 @@ def _nbytes(aval, steps=1) -> int:
 def probe_bytes_per_example(plan) -> int:
   """Bytes per example of the probe gradients (stacked over the steps of scans)."""
   total = 0
-  for aval, stack in plan.top.probe_avals.values():
-    total += _nbytes(aval, int(np.prod(stack, dtype=np.int64)) if stack else 1)
+  for p in plan.top.probe_avals.values():
+    total += _nbytes(p.aval, int(np.prod(p.stack, dtype=np.int64)) if p.stack else 1)
   return total // plan.b
 
 

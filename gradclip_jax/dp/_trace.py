@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -75,13 +75,44 @@ class Info:
   spec: Any            # Spec, None (no example axis) or UNKNOWN
   origin: frozenset    # parameter leaf indices a P value depends on
   iso: bool            # P value is an isometric view of distinct parameter leaves
-  bsrc: Any = None     # P value broadcast over the batch: (source var, its Info, dims)
+  bsrc: Any = None     # P value broadcast over the batch: a BroadcastSource
   perm: Any = None     # P value = transpose(one leaf, perm): its dim i is leaf dim perm[i]
   wstack: tuple = ()   # scan levels over which a P value varies (parameters scanned as xs)
   ident: Any = None    # P value: the same number wherever the same value is read
 
 
 _CONST = Info(C, False, None, frozenset(), True)
+
+
+class Broadcast(NamedTuple):
+  """A parameter value broadcast over the batch before an elementwise use."""
+  dims: tuple     # the broadcast_in_dim's broadcast_dimensions
+  shape: tuple    # the shape it broadcasts to
+  spec: Any       # the example axis of that shape
+
+
+class BroadcastSource(NamedTuple):
+  var: Any        # the parameter value before the broadcast
+  info: Any       # its Info
+  dims: tuple     # the broadcast_dimensions
+
+
+class Probe(NamedTuple):
+  aval: Any       # shape and dtype of the value the probe is added to
+  stack: tuple    # lengths of the enclosing scans (the probe is stacked over them)
+
+
+@dataclasses.dataclass
+class Action:
+  """What the interpreter does with one equation of a level."""
+  kind: str                 # "bind", "use", "inline", "scan" or "cond"
+  use: Any = None           # "use": the Use
+  child: Any = None         # "inline", "scan": the Scope of the body
+  children: tuple = ()      # "cond": the Scope of each branch
+  step_xs: tuple = ()       # "scan": operands that are parameters scanned over
+
+
+_BIND = Action("bind")
 
 
 @dataclasses.dataclass
@@ -111,8 +142,8 @@ class Use:
   where: str = ""       # source location, for messages
   scope_id: int = 0     # the program level it sits in
   rec_key: dict = dataclasses.field(default_factory=dict)    # operand j -> record key
-  # operand j -> (broadcast_dimensions, shape, example axis): W'_j is read broadcast
-  # over the batch; the use's W'_j is the value before that broadcast_in_dim (src[j]).
+  # operand j -> Broadcast: W'_j is read broadcast over the batch; the use's W'_j is
+  # the value before that broadcast_in_dim (src[j]).
   pre: dict = dataclasses.field(default_factory=dict)
   src: dict = dataclasses.field(default_factory=dict)
   src_shapes: dict = dataclasses.field(default_factory=dict)  # operand j -> src shape
@@ -132,10 +163,10 @@ class Scope:
   """The analysis of one program level (the top, a call body, a scan body, a branch)."""
   jaxpr: Any
   consts: list
-  actions: list = dataclasses.field(default_factory=list)  # per equation
+  actions: list = dataclasses.field(default_factory=list)  # an Action per equation
   uses: list = dataclasses.field(default_factory=list)     # all uses, nested included
   probe_at: dict = dataclasses.field(default_factory=dict)  # eqn index -> [(k, key)]
-  probe_avals: dict = dataclasses.field(default_factory=dict)  # key -> (aval, stack)
+  probe_avals: dict = dataclasses.field(default_factory=dict)  # key -> Probe
   depth: int = 0       # number of enclosing scans (a scan body: its own level + 1)
   out_info: list = dataclasses.field(default_factory=list)
 
@@ -264,14 +295,14 @@ class _Analysis:
       out_specs = [_spec(jx.shape(v), jx.shape(v1), self.b, guess)
                    for v, v1 in zip(jx.outs(eqn), jx.outs(eqn1))]
       if not eqn_live[i]:  # not needed for the losses (maybe for aux): evaluated as is
-        sc.actions.append(("bind",))
+        sc.actions.append(_BIND)
         for v, s in zip(jx.outs(eqn), out_specs):
           env[v] = Info(V, batch_in, s, frozenset(), False)
         continue
       has_p = P in kinds
       has_v = V in kinds
       if not has_p:
-        sc.actions.append(("bind",))
+        sc.actions.append(_BIND)
         if name == jx.SCAN:
           batch_out = self._scan_batch(eqn, [x.batch for x in ins])
         elif name in jx.INLINE:
@@ -281,12 +312,12 @@ class _Analysis:
         infos = [Info(V if has_v else C, bo, s, frozenset(), False)
                  for bo, s in zip(batch_out, out_specs)]
       elif not has_v:  # a function of parameters and constants only
-        sc.actions.append(("bind",))
+        sc.actions.append(_BIND)
         infos = self._p_only(eqn, ins, kinds, out_specs)
       elif name in jx.INLINE:
         child = self.scope(jx.inner(eqn), jx.inner(eqn1), ins,
                            [v in live for v in jx.outs(eqn)], stack)
-        sc.actions.append(("inline", child))
+        sc.actions.append(Action("inline", child=child))
         sc.uses.extend(child.uses)
         infos = child.out_info
       elif name == jx.SCAN and self._scan_ok(eqn, ins):
@@ -295,7 +326,7 @@ class _Analysis:
         infos = self._cond(sc, eqn, eqn1, ins, out_specs, live, stack)
       else:
         infos = self._use(sc, eqn, eqn1, ins, out_specs, stack)
-        direct.append(sc.actions[-1][1])
+        direct.append(sc.actions[-1].use)
       for v, info in zip(jx.outs(eqn), infos):
         env[v] = info
       # Cross-example operations: refused.
@@ -314,11 +345,8 @@ class _Analysis:
     sc.out_info = [rd(v) for v in jx.outvars(jaxpr)]
     self._place_probes(sc, direct, stack)
     for act in sc.actions:
-      if act[0] in ("inline", "scan"):
-        sc.probe_avals.update(act[1].probe_avals)
-      elif act[0] == "cond":
-        for child in act[1]:
-          sc.probe_avals.update(child.probe_avals)
+      for child in ((act.child,) if act.child is not None else ()) + act.children:
+        sc.probe_avals.update(child.probe_avals)
     return sc
 
   def _p_only(self, eqn, ins, kinds, out_specs):
@@ -344,7 +372,7 @@ class _Analysis:
         infos[0].perm = tuple(ins[0].perm[d] for d in jx.permutation(eqn))
     if (name == jx.BROADCAST and isinstance(out_specs[0], Spec)
         and ins[0].kind == P and ins[0].spec is None):
-      infos[0].bsrc = (jx.ins(eqn)[0], ins[0], jx.broadcast_dimensions(eqn))
+      infos[0].bsrc = BroadcastSource(jx.ins(eqn)[0], ins[0], jx.broadcast_dimensions(eqn))
     return infos
 
   def _place_probes(self, sc, direct, stack):
@@ -379,14 +407,14 @@ class _Analysis:
           nxt = eq[cs[0]]
           nout = jx.outs(nxt)[0]
           if (jx.name(nxt) not in jx.ADDS
-              or sc.actions[cs[0]][0] not in ("bind", "use")
+              or sc.actions[cs[0]].kind not in ("bind", "use")
               or jx.shape(nout) != jx.shape(v) or jx.dtype(nout) != jx.dtype(v)):
             break
           v = nout
         key = (id(sc), id(v))
         use.probe_key[k] = key
         if key not in sc.probe_avals:
-          sc.probe_avals[key] = (jx.shaped(jx.shape(v), jx.dtype(v)), stack)
+          sc.probe_avals[key] = Probe(jx.shaped(jx.shape(v), jx.dtype(v)), stack)
           i = producer[v]
           out_k = jx.outs(eq[i]).index(v)
           sc.probe_at.setdefault(i, []).append((out_k, key))
@@ -451,7 +479,7 @@ class _Analysis:
     outs = jx.outs(eqn)
     live_body = [True] * ncar + [v in live for v in outs[ncar:]]
     child = self.scope(s.body, s1.body, b_in, live_body, stack + (s.length,))
-    sc.actions.append(("scan", child, tuple(step_xs)))
+    sc.actions.append(Action("scan", child=child, step_xs=tuple(step_xs)))
     sc.uses.extend(child.uses)
     out = []
     for j, (v, v1) in enumerate(zip(outs, jx.outs(eqn1))):
@@ -474,7 +502,7 @@ class _Analysis:
     children = []
     for br, br1 in zip(jx.cond_branches(eqn), jx.cond_branches(eqn1)):
       children.append(self.scope(br, br1, ins[1:], live_out, stack))
-    sc.actions.append(("cond", children))
+    sc.actions.append(Action("cond", children=tuple(children)))
     for child in children:
       sc.uses.extend(child.uses)
     out = []
@@ -498,11 +526,11 @@ class _Analysis:
     pre, src, src_shapes = {}, {}, {}
     for j in p_pos:
       if ins[j].spec is not None and ins[j].bsrc is not None:
-        var, info, dims = ins[j].bsrc
-        pre[j] = (dims, jx.shape(eins[j]), ins[j].spec)
-        src[j] = var
-        src_shapes[j] = jx.shape(var)
-        ins[j] = info
+        bs = ins[j].bsrc
+        pre[j] = Broadcast(bs.dims, jx.shape(eins[j]), ins[j].spec)
+        src[j] = bs.var
+        src_shapes[j] = jx.shape(bs.var)
+        ins[j] = bs.info
     rec_pos = tuple(j for j, (v, x) in enumerate(zip(eins, ins))
                     if x.kind != P and not jx.is_literal(v))
     out_info = tuple(Info(V, True, s, frozenset(), False) for s in out_specs)
@@ -526,7 +554,7 @@ class _Analysis:
     use.rule, use.data = rule, data
     self.uses.append(use)
     sc.uses.append(use)
-    sc.actions.append(("use", use))
+    sc.actions.append(Action("use", use=use))
     return out_info
 
 
@@ -607,27 +635,27 @@ def _eval(sc: Scope, invals, probes, records, views: bool):
     return env.get(v)
 
   for i, (eqn, act) in enumerate(zip(jx.eqns(sc.jaxpr), sc.actions)):
-    kind = act[0]
+    kind = act.kind
     ins = [rd(v) for v in jx.ins(eqn)]
     if kind == "bind":
       if views and any(x is None for x in ins):
         continue
       outs = jx.bind(eqn, ins)
     elif kind == "inline":
-      outs = _eval(act[1], ins, probes, records, views)
+      outs = _eval(act.child, ins, probes, records, views)
     elif kind == "scan":
       if views:
-        _views_scan(eqn, act[1], act[2], ins, records)
+        _views_scan(eqn, act.child, act.step_xs, ins, records)
         continue
-      outs = _eval_scan(eqn, act[1], ins, probes, records)
+      outs = _eval_scan(eqn, act.child, ins, probes, records)
     elif kind == "cond":
       if views:
-        for child in act[1]:
+        for child in act.children:
           _eval(child, ins[1:], {}, records, True)
         continue
-      outs = _eval_cond(act[1], ins, probes, records)
+      outs = _eval_cond(act.children, ins, probes, records)
     else:  # a use
-      use = act[1]
+      use = act.use
       if views:
         for j in use.p_pos:
           records[(use.uid, j)] = env[use.src[j]] if j in use.src else ins[j]
@@ -721,8 +749,8 @@ def _eval_cond(children, ins, probes, records):
 
 def probe_shapes(plan: Plan) -> dict:
   """{key: ShapeDtypeStruct} of every probe (stacked over enclosing scans)."""
-  return {key: jx.shaped(tuple(stack) + tuple(aval.shape), aval.dtype)
-          for key, (aval, stack) in plan.top.probe_avals.items()}
+  return {key: jx.shaped(tuple(p.stack) + tuple(p.aval.shape), p.aval.dtype)
+          for key, p in plan.top.probe_avals.items()}
 
 
 def run_probes(plan: Plan, p_flat, b_flat, probes):

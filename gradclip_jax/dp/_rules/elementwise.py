@@ -55,12 +55,12 @@ class Elementwise(Rule):
     if not isinstance(spec, _trace.Spec):
       return None
     if wpos in use.pre:  # W' broadcast over the batch by a broadcast_in_dim
-      dims, bshape, _ = use.pre[wpos]
+      bc = use.pre[wpos]
       ws = use.w_shape(wpos)
-      if tuple(bshape) != tuple(out):
+      if tuple(bc.shape) != tuple(out):
         return None
       wfull = [1] * len(out)
-      for i, d in enumerate(dims):
+      for i, d in enumerate(bc.dims):
         if ws[i] not in (1, out[d]):
           return None
         wfull[d] = ws[i]

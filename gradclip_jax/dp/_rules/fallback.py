@@ -60,11 +60,11 @@ def _with_w(use, wvals, others, one_example):
   out = list(others)
   for j, w in zip(use.p_pos, wvals):
     if j in use.pre:  # W'_j read broadcast over the batch
-      dims, shape, bspec = use.pre[j]
-      shape = list(shape)
+      bc = use.pre[j]
+      shape = list(bc.shape)
       if one_example:
-        shape[bspec.axis] = bspec.outer * bspec.inner
-      w = lax.broadcast_in_dim(w, tuple(shape), dims)
+        shape[bc.spec.axis] = bc.spec.outer * bc.spec.inner
+      w = lax.broadcast_in_dim(w, tuple(shape), bc.dims)
     out[j] = w
   return out
 
