@@ -27,14 +27,13 @@ METHODS = ("auto", "vmap", "ghost")
 #: default backend, else ``DEFAULT_BUDGETS["other"]``.
 GHOST_MEMORY_BUDGET = None
 
-#: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU smaller
-#: microbatches were lighter and mostly faster: the same-run A/B of
-#: ``benchmarks/dp_cost.py --ghost-budgets 512`` (results/dp_cost-cpu-*.md, 2-core CPU,
-#: B = 256) gave ghost/plain step time 1.22x vs 1.11x (linen LSTMCell), 1.25x vs 2.36x
-#: (OptimizedLSTMCell), 0.66x vs 0.92x (nnx transformer) at 128 vs 512 MiB, and peak
-#: RSS 0.87x vs 1.43x, 0.75x vs 1.27x, 0.59x vs 0.92x. The accelerator value is the
-#: former default, not tuned by a measurement.
-DEFAULT_BUDGETS = {"cpu": 128 * 2 ** 20, "other": 512 * 2 ** 20}
+#: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU the model
+#: passes and norm chunks that fit 32 MiB were the fastest as well as the lightest
+#: (the probe gradients of 16 to 32 examples of the benchmark models stay in a
+#: 32 MiB L3 cache): ``benchmarks/dp_cost.py --ghost-budgets`` times other budgets
+#: against it in one run (results/dp_cost-cpu-*.md, the docs' benchmarks page). The
+#: accelerator value is not tuned by a measurement.
+DEFAULT_BUDGETS = {"cpu": 32 * 2 ** 20, "other": 512 * 2 ** 20}
 
 
 def memory_budget() -> int:
@@ -142,7 +141,7 @@ def _vmap_core(loss_fn, has_aux, max_norm, params, batch, mask=None):
   ok = _kept(losses, mask)
   scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
   summed = jax.tree.map(
-      lambda g: jnp.sum(cm.mask_rows(g, finite, scale), axis=0), grads)
+      lambda g: cm.weighted_rows(g, finite, scale), grads)
   return summed, _masked_norms(norms, mask), finite
 
 
@@ -407,11 +406,6 @@ def _chunks(tree, n):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
 
 
-def _row_sum(x, w, fin):
-  """``sum_b w_b x_b`` over the kept examples (``fin``), float32 or wider."""
-  return jnp.sum(cm.mask_rows(x, fin, w), axis=0)
-
-
 def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None,
                 mask=None):
   """(clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
@@ -495,8 +489,9 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
     norms = jnp.sqrt(sq)
     scale, finite, _ = _per_example.clip_stats(jnp.where(okc, norms, jnp.nan), max_norm)
     w = jnp.where(finite, scale, jnp.zeros((), scale.dtype))
-    sums = {i: jax.tree.map(lambda x: _row_sum(x, w, finite), r) for i, r in raws.items()}
-    leaf_sums = [[_row_sum(v, w, finite) for v in x] for x in per_leaf]
+    sums = {i: jax.tree.map(lambda x: cm.weighted_rows(x, finite, w), r)
+            for i, r in raws.items()}
+    leaf_sums = [[cm.weighted_rows(v, finite, w) for v in x] for x in per_leaf]
     return norms, w, finite, sums, leaf_sums
 
   n_chunks = b // chunk_size(plan, st, budget)

@@ -127,7 +127,7 @@ class ElementwiseUnit(Unit):
     return cm.per_example_sq(c.ex.pe) if c.ex.pe.ndim > 1 else cm.sq(c.ex.pe)
 
   def weighted(self, c, w, fin):
-    return self.split(jnp.sum(cm.mask_rows(c.ex.pe, fin, w), axis=0))
+    return self.split(cm.weighted_rows(c.ex.pe, fin, w))
 
   def per_example(self, c):
     return c.ex.pe
