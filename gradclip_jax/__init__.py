@@ -4,7 +4,13 @@ Importing this package pulls in JAX and Optax only; the Flax trainers live in
 ``gradclip_jax.training`` and are imported only when used.
 """
 
-from gradclip_jax import config
+# First: a JAX or Optax older than the tested floor is an ImportError naming the version
+# needed, not an AttributeError in the middle of a trace.
+from gradclip_jax import _compat
+
+_compat.check("jax", "jaxlib", "optax")
+
+from gradclip_jax import config  # noqa: E402  (after the version check)
 from gradclip_jax import dp
 from gradclip_jax import functional
 from gradclip_jax._adaptive import AdaGCState
@@ -32,7 +38,7 @@ from gradclip_jax.dp import dp_aggregate
 from gradclip_jax.dp import ghost_coverage
 from gradclip_jax.dp import per_example_clip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one source: pyproject.toml, the docs and the wheel read it
 
 __all__ = [
     # fixed-threshold rules
