@@ -37,10 +37,10 @@ Records add ``epsilon, noise_multiplier, dp_max_norm, delta``; ``grad_norm_*`` a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
-import time
-from typing import Any
+from typing import Any, Mapping
 
 import flax.struct
 import jax
@@ -51,9 +51,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gradclip_jax.training import checkpoints, flags, mesh as mesh_lib, steps
 from gradclip_jax.training import dp as dp_lib
-from gradclip_jax.training.errors import Interrupted, UsageError
-from gradclip_jax.training.interrupt import catch_signals
-from gradclip_jax.training.metrics import MetricsWriter, progress_bar, report
+from gradclip_jax.training.errors import UsageError
+from gradclip_jax.training.loop import Task, TrainLoop
+from gradclip_jax.training.metrics import Record, flattened, optional, report
 from gradclip_jax.training.ptb import configs, input_pipeline, models
 from gradclip_jax.training.state import TrainState, distinct_buffers
 
@@ -295,23 +295,90 @@ def _zeros_like(tree):
                       jax.tree.map(lambda a: a.sharding, tree))
 
 
-def _epoch_record(epoch: int, lr: float, acc: dict, wps: float,
-                  dp: dp_lib.DPSettings | None = None, global_step: int = 0
-                  ) -> dict[str, Any]:
-  acc = jax.device_get(acc)
-  steps_done = max(int(acc["steps"]), 1)
-  per = steps_done if dp is None else steps_done * dp.batch_size  # DP: per window
-  record = {"epoch": epoch, "lr": lr,
-            "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
-            "wps": wps,
-            "grad_norm_mean": float(acc["grad_norm_sum"]) / per,
-            "grad_norm_max": float(acc["grad_norm_max"]),
-            "clip_fraction": int(acc["clipped"]) / per}
-  if dp is not None:
-    record["step"] = global_step
-    record.update(dp.record(global_step))
-  return record
+@dataclasses.dataclass(frozen=True)
+class EpochRecord(Record):
+  """A line of metrics.jsonl per epoch. ``grad_norm_*`` and ``clip_fraction`` are per step
+  (with DP-SGD per window); ``step`` and the DP fields only with DP-SGD; ``steps`` (the
+  steps done) only in the record of an epoch that ``--max-steps`` cut."""
 
+  epoch: int
+  lr: float
+  train_ppl: float
+  wps: float
+  grad_norm_mean: float
+  grad_norm_max: float
+  clip_fraction: float
+  valid_ppl: float | None = optional()
+  step: int | None = optional()
+  steps: int | None = optional()
+  dp: Mapping | None = flattened()
+
+
+@dataclasses.dataclass(frozen=True)
+class TestRecord(Record):
+  """The last line of a finished run."""
+
+  epoch: int
+  test_ppl: float
+
+
+class _Task(Task):
+  """The PTB epochs for :class:`~gradclip_jax.training.loop.TrainLoop`: the windows of
+  ``xs, ys`` in order (with DP-SGD shuffled per epoch), the LSTM carry and the epoch's
+  accumulators reset at every epoch start, the validation perplexity in every record."""
+
+  def __init__(self, config: configs.TrainConfig, data: input_pipeline.PTBData, xs, ys,
+               train_step, evaluate_valid, dp: dp_lib.DPSettings | None, mesh):
+    self.config, self.data, self.xs, self.ys, self.dp = config, data, xs, ys, dp
+    self.step_fn, self.evaluate_valid = train_step, evaluate_valid
+    self.shard = lambda a: mesh_lib.shard_batch(a, mesh)
+    self.words_per_step = config.hparams.batch_size * config.hparams.num_steps
+
+  def begin_epoch(self, state, epoch):
+    # The tutorial resets the LSTM state at the start of every epoch.
+    return state.replace(carry=_zeros_like(state.carry), acc=_zeros_like(state.acc))
+
+  def batches(self, epoch, start):
+    xs, ys = self.xs, self.ys
+    if self.dp is not None:
+      xs, ys = dp_epoch_windows(xs, ys, self.config.run.seed, epoch)
+    for i in range(start, len(xs)):
+      yield self.shard(xs[i]), self.shard(ys[i])
+
+  def train_step(self, state, batch):
+    return self.step_fn(state, *batch)
+
+  def postfix(self, steps_done, seconds):
+    return {"wps": f"{steps_done * self.words_per_step / seconds:,.0f}" if seconds else "-"}
+
+  def _record(self, state, epoch, steps_done, seconds, step, **extra) -> EpochRecord:
+    acc = jax.device_get(state.acc)
+    steps_run = max(int(acc["steps"]), 1)
+    per = steps_run if self.dp is None else steps_run * self.dp.batch_size  # DP: per window
+    return EpochRecord(
+        epoch=epoch, lr=self.config.hparams.lr_at(epoch - 1),
+        train_ppl=math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
+        wps=steps_done * self.words_per_step / seconds if seconds > 0 else 0.0,
+        grad_norm_mean=float(acc["grad_norm_sum"]) / per,
+        grad_norm_max=float(acc["grad_norm_max"]), clip_fraction=int(acc["clipped"]) / per,
+        valid_ppl=self.evaluate_valid(state.params),
+        step=None if self.dp is None else step,
+        dp=None if self.dp is None else self.dp.record(step), **extra)
+
+  def epoch_record(self, state, epoch, seconds, step):
+    r = self._record(state, epoch, self.xs.shape[0], seconds, step)
+    report(f"Epoch {epoch}: lr {r.lr:.4g}  train ppl {r.train_ppl:.3f}  valid ppl "
+           f"{r.valid_ppl:.3f}  {r.wps:,.0f} wps  grad norm mean {r.grad_norm_mean:.3f} "
+           f"max {r.grad_norm_max:.3f}  clipped {r.clip_fraction:.1%}"
+           + (f"  epsilon {r.dp['epsilon']:.3f}" if r.dp else ""))
+    return r
+
+  def partial_record(self, state, epoch, steps_done, seconds, step):
+    r = self._record(state, epoch, steps_done, seconds, step, steps=steps_done)
+    report(f"Stopped at --max-steps {self.config.run.max_steps} (epoch {epoch}, window "
+           f"{steps_done} of {self.xs.shape[0]}): train ppl {r.train_ppl:.2f}, valid ppl "
+           f"{r.valid_ppl:.2f}; no test perplexity (the run did not finish)")
+    return r
 
 def dp_epoch_windows(xs: np.ndarray, ys: np.ndarray, seed: int, epoch: int
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -342,13 +409,12 @@ def train_and_evaluate(config: configs.TrainConfig,
   """Trains and tests the PTB model of ``config``; returns the metrics.jsonl records.
 
   Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
-  ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
-  after the current step with a checkpoint and raise
-  :class:`~gradclip_jax.training.errors.Interrupted`.
+  ``UsageError``, if it was written with another config); a finished run returns its
+  records at once. SIGINT / SIGTERM stop the run after the current step with a
+  checkpoint and raise :class:`~gradclip_jax.training.errors.Interrupted`. The loop is
+  :class:`~gradclip_jax.training.loop.TrainLoop`'s.
   """
-  workdir = pathlib.Path(workdir)
-  run, hp = config.run, config.hparams
-  max_epochs = config.max_epochs
+  run, hp, max_epochs = config.run, config.hparams, config.max_epochs
   checkpoints.check_saved_config(workdir, config.describe())  # before reading the data
   data = load_data(config)
   try:
@@ -371,110 +437,30 @@ def train_and_evaluate(config: configs.TrainConfig,
     train_step = make_train_step(model, tx, state_shardings(state, mesh),
                                  NamedSharding(mesh, P(mesh_lib.DATA_AXIS)), dp=dp)
   eval_step = make_eval_step(model)
-  shard = lambda a: mesh_lib.shard_batch(a, mesh)
+  evaluate_valid = lambda params: evaluate(model, eval_step, params, data.valid,
+                                           hp.batch_size, hp.num_steps, mesh)
+  task = _Task(config, data, xs, ys, train_step, evaluate_valid, dp, mesh)
 
   described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
-  ckpt = checkpoints.Checkpointer(workdir)
-  meta = {"epoch": 0, "pos": 0, "global_step": 0, "elapsed": 0.0, "records": []}
-  latest = ckpt.restore_meta()
-  if latest is not None:
-    checkpoints.check_resume_config(latest[1].get("config"), described)
-    state, meta = ckpt.restore(state)
-    report(f"resumed from step {meta['global_step']} (epoch {meta['epoch'] + 1}, window "
-           f"{meta['pos']})")
-  writer = MetricsWriter(workdir, meta["records"])
-  if meta.get("done"):
-    ckpt.close()
-    return writer.records
-
-  report(f"PTB {config.name}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
-         f"{max_epochs} epochs, clip={run.clip}, {num_devices} device(s)")
-  epoch, pos, global_step = meta["epoch"], meta["pos"], meta["global_step"]
-  elapsed = meta["elapsed"]  # seconds spent in the current epoch before a resume
-
-  def save(done=False):
-    ckpt.save(global_step, state, {"epoch": epoch, "pos": pos, "global_step": global_step,
-                                   "elapsed": elapsed, "records": writer.records,
-                                   "done": done, "config": described})
-
-  stopped, log_step = False, steps.StepLog()
-  with catch_signals(enabled=jax.process_count() == 1) as stop:
-
-    def stop_if_asked():  # after a checkpoint at global_step
-      if stop:
-        ckpt.close()
-        raise Interrupted(stop.signum, global_step, workdir)
-
-    while epoch < max_epochs:
-      if run.max_steps is not None and global_step >= run.max_steps:
-        stopped = True
-        break
-      if pos == 0:  # the tutorial resets the LSTM state at the start of every epoch
-        state = state.replace(carry=_zeros_like(state.carry), acc=_zeros_like(state.acc))
-        elapsed = 0.0
-      lr = hp.lr_at(epoch)
-      ex, ey = (xs, ys) if dp is None else dp_epoch_windows(xs, ys, run.seed, epoch)
-      bar = progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}", initial=pos,
-                         disable=not run.progress)
-      t0 = time.perf_counter()
-      words_per_step = hp.batch_size * hp.num_steps
-      while pos < epoch_size:
-        if run.max_steps is not None and global_step >= run.max_steps:
-          stopped = True
-          break
-        state = train_step(state, shard(ex[pos]), shard(ey[pos]))
-        pos += 1
-        global_step += 1
-        log_step(bar, global_step, state.step, t0)
-        if pos % 20 == 0 or pos == epoch_size:
-          jax.block_until_ready(state.step)
-          dt = elapsed + time.perf_counter() - t0
-          bar.set_postfix(wps=f"{pos * words_per_step / dt:,.0f}" if dt else "-",
-                          refresh=False)
-        if pos < epoch_size and (stop or (run.checkpoint_every
-                                          and global_step % run.checkpoint_every == 0)):
-          jax.block_until_ready(state)
-          elapsed += time.perf_counter() - t0
-          t0 = time.perf_counter()
-          save()
-          stop_if_asked()
-      jax.block_until_ready(state)
-      elapsed += time.perf_counter() - t0
-      bar.close()
-      wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
-      record = _epoch_record(epoch + 1, lr, state.acc, wps, dp, global_step)
-      if stopped and pos < epoch_size:
-        save()  # mid-epoch stop: resumable; the partial record is not kept on resume
-        record["partial"] = True
-        record["steps"] = pos
-        record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
-                                       hp.batch_size, hp.num_steps, mesh)
-        writer.write(record, keep=False)  # not part of the resumable history
-        report(f"Stopped at --max-steps {run.max_steps} (epoch {epoch + 1}, window {pos} "
-               f"of {epoch_size}): train ppl {record['train_ppl']:.2f}, valid ppl "
-               f"{record['valid_ppl']:.2f}; no test perplexity (the run did not finish)")
-        ckpt.close()
-        return writer.records + [record]
-      record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
-                                     hp.batch_size, hp.num_steps, mesh)
-      report(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
-             f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  grad norm mean "
-             f"{record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  clipped "
-             f"{record['clip_fraction']:.1%}"
-             + (f"  epsilon {record['epsilon']:.3f}" if dp else ""))
-      writer.write(record)
-      epoch, pos, elapsed = epoch + 1, 0, 0.0
-      save()
-      stop_if_asked()
-
-  if stopped:
-    report(f"Stopped at --max-steps {run.max_steps} after epoch {epoch}; no test "
-           "perplexity (the run did not finish)")
-  else:
+  loop = TrainLoop(workdir, described, run, steps_per_epoch=epoch_size,
+                   max_epochs=max_epochs)
+  try:
+    state = loop.restore(task, state)
+    if loop.done:
+      return loop.records
+    report(f"PTB {config.name}: {len(data.train):,} train tokens, {epoch_size} "
+           f"windows/epoch, {max_epochs} epochs, clip={run.clip}, {num_devices} device(s)")
+    state = loop.run(task, state)
+    if loop.partial is not None:
+      return loop.records + [loop.partial]
+    if not loop.finished:
+      report(f"Stopped at --max-steps {run.max_steps} after epoch "
+             f"{loop.step // epoch_size}; no test perplexity (the run did not finish)")
+      return loop.records
     test_ppl = evaluate(model, eval_step, state.params, data.test, 1, TEST_WINDOW, mesh,
                         full=True)
     report(f"Test ppl {test_ppl:.3f}")
-    writer.write({"epoch": epoch, "test_ppl": test_ppl})
-    save(done=True)
-  ckpt.close()
-  return writer.records
+    loop.finish(task, state, TestRecord(epoch=max_epochs, test_ppl=test_ppl))
+    return loop.records
+  finally:
+    loop.close()
