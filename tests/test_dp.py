@@ -471,6 +471,32 @@ def test_project_lstm_classifier():
   assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5
 
 
+@pytest.mark.parametrize("method,microbatch", [("ghost", None), ("ghost", 4),
+                                               ("vmap", None)])
+def test_mask_padded_batch_equals_unpadded(method, microbatch):
+  # A batch padded to a fixed capacity (rows of NaN garbage, mask False) gives the
+  # clipped sum of the real rows (NumPy reference from per-example grads), norms 0.
+  loss_fn, p, (x, y) = _setup("mlp")
+  pe = jax.jit(jax.vmap(jax.grad(lambda p, x, y: loss_fn(p, x[None], y[None])[0]),
+                        in_axes=(None, 0, 0)))(p, x, y)
+  ref, ref_norms = np_clip_sum(pe, 0.5)
+  xp = jnp.concatenate([x[:3], jnp.full((2, 5), jnp.nan), x[3:]])
+  yp = jnp.concatenate([y[:3], jnp.zeros(2, y.dtype), y[3:]])
+  mask = np.array([True] * 3 + [False] * 2 + [True] * 3)
+  f = jax.jit(dp.clipped_grad(loss_fn, max_norm=0.5, method=method, return_norms=True,
+                              microbatch_size=microbatch))
+  g, norms = f(p, xp, yp, mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(norms[~mask], 0.0)
+  np.testing.assert_allclose(norms[mask], ref_norms, rtol=1e-5)
+  for a, r in zip(jax.tree.leaves(g), ref):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+  # A 0/1 float mask is the same mask; a mask of the wrong shape is refused.
+  g2, _ = f(p, xp, yp, mask=jnp.asarray(mask, jnp.float32))
+  assert tree_rel(g, g2) < 1e-6
+  with pytest.raises(ValueError, match=r"mask must have shape \(8,\)"):
+    f(p, xp, yp, mask=jnp.ones(7, bool))
+
+
 # ------------------------------------------------------------------ edge cases
 
 

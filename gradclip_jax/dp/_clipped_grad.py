@@ -77,6 +77,33 @@ def _check_losses(losses, b):
         "(use normalize_by=B instead)")
 
 
+def _kept(losses, mask):
+  """Examples that may contribute: a finite loss, and ``mask`` where given."""
+  ok = jnp.isfinite(losses)
+  return ok if mask is None else ok & mask
+
+
+def _masked_norms(norms, mask):
+  """Padded examples (``mask`` False) report a norm of exactly 0."""
+  return norms if mask is None else jnp.where(mask, norms, jnp.zeros((), norms.dtype))
+
+
+def _check_mask(mask, b):
+  """``mask`` as a bool ``[B]`` array (``None`` stays ``None``)."""
+  if mask is None:
+    return None
+  shape = jnp.shape(mask)
+  if shape != (b,):
+    raise ValueError(f"mask must have shape ({b},) (one entry per example of the batch), "
+                     f"got shape {shape}")
+  dt = jnp.result_type(mask)
+  if dt != jnp.bool_:
+    if not (jnp.issubdtype(dt, jnp.integer) or jnp.issubdtype(dt, jnp.floating)):
+      raise TypeError(f"mask must be a bool (or 0/1 numeric) array, got dtype {dt}")
+    mask = jnp.asarray(mask) != 0
+  return jnp.asarray(mask)
+
+
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -98,7 +125,7 @@ def _key_names(path) -> str:
 # ------------------------------------------------------------------- vmap method
 
 
-def _vmap_core(loss_fn, has_aux, max_norm, params, batch):
+def _vmap_core(loss_fn, has_aux, max_norm, params, batch, mask=None):
   """(f32 clipped sum, norms [B], finite [B]) by vmap(grad) over examples."""
 
   def per_ex(p, *ex):
@@ -112,11 +139,11 @@ def _vmap_core(loss_fn, has_aux, max_norm, params, batch):
   in_axes = (None,) + (0,) * len(batch)
   losses, grads = jax.vmap(jax.value_and_grad(per_ex), in_axes=in_axes)(params, *batch)
   norms = _per_example.example_norms(grads)
-  ok = jnp.isfinite(losses)
+  ok = _kept(losses, mask)
   scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
   summed = jax.tree.map(
       lambda g: jnp.sum(cm.mask_rows(g, finite, scale), axis=0), grads)
-  return summed, norms, finite
+  return summed, _masked_norms(norms, mask), finite
 
 
 # --------------------------------------------------------- groups and components
@@ -354,7 +381,8 @@ def auto_microbatch(plan, comps, budget=None) -> int:
   return 1
 
 
-def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None):
+def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None,
+                mask=None):
   """(f32 clipped sum, norms [B], finite [B], aux) of one batch by ghost norms."""
   if plan is None:
     plan, b = _plan(loss_fn, has_aux, params, batch)
@@ -446,7 +474,7 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
     materialised.append(per_leaf)
 
   norms = jnp.sqrt(sq)
-  ok = jnp.isfinite(losses)
+  ok = _kept(losses, mask)
   scale, finite, _ = _per_example.clip_stats(jnp.where(ok, norms, jnp.nan), max_norm)
   weights = jnp.where(finite, scale, 0.0)
 
@@ -485,7 +513,7 @@ def _ghost_core(loss_fn, has_aux, max_norm, params, batch, auto=False, plan=None
   for per_leaf in materialised:
     for i, x in per_leaf.items():
       total[i] = total[i] + jnp.sum(cm.mask_rows(x, finite, weights), axis=0)
-  return jax.tree.unflatten(p_tree, total), norms, finite, aux
+  return jax.tree.unflatten(p_tree, total), _masked_norms(norms, mask), finite, aux
 
 
 def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
@@ -561,6 +589,13 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
   returned bare, several as a tuple: ``grads``, ``(grads, norms)``, ``(grads, aux)``
   or ``(grads, norms, aux)``.
 
+  The function also takes ``mask=`` (keyword), a bool ``[B]`` marking the real
+  examples of a padded batch (e.g. a Poisson-sampled batch padded to a fixed
+  capacity): an example with ``mask[b] = False`` contributes exactly zero to the sum
+  and its norm comes back as ``0``, whatever its loss (NaN included), so the result
+  equals that of the batch without the padded rows. ``aux`` is returned for every
+  row, padded ones included.
+
   Args:
     loss_fn: per-example loss function ``(params, *batch) -> [B]``.
     max_norm: clip threshold ``C >= 0``; ``inf`` disables clipping.
@@ -578,8 +613,8 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
 
   Raises:
     ValueError: for a negative or NaN ``max_norm``, an unknown ``method``, a bad
-      ``microbatch_size``, losses that are not ``[B]``, or (ghost) an operation that
-      combines examples. TypeError: ``has_aux`` without a ``(losses, aux)`` pair.
+      ``microbatch_size``, losses that are not ``[B]``, a ``mask`` that is not
+      ``[B]``, or (ghost) an operation that combines examples. TypeError: ``has_aux`` without a ``(losses, aux)`` pair.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -604,30 +639,31 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
                                       or microbatch_size < 1):
     raise ValueError(f"microbatch_size must be a positive int, got {microbatch_size!r}")
 
-  def vmap_core(params, batch):
-    summed, norms, _ = _vmap_core(loss_fn, has_aux, max_norm, params, batch)
+  def vmap_core(params, batch, mask):
+    summed, norms, _ = _vmap_core(loss_fn, has_aux, max_norm, params, batch, mask)
     aux = _split_out(loss_fn(params, *batch), True)[1] if has_aux else None
     return summed, norms, aux
 
-  def core(params, batch, plan=None, use_vmap=False):
+  def core(params, batch, mask, plan=None, use_vmap=False):
     if method == "vmap" or use_vmap:
-      return vmap_core(params, batch)
+      return vmap_core(params, batch, mask)
     if method == "auto":
       try:
         summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch,
-                                            auto=True, plan=plan)
+                                            auto=True, plan=plan, mask=mask)
       except _trace.Unsupported:
-        return vmap_core(params, batch)
+        return vmap_core(params, batch, mask)
       return summed, norms, aux
     summed, norms, _, aux = _ghost_core(loss_fn, has_aux, max_norm, params, batch,
-                                        plan=plan)
+                                        plan=plan, mask=mask)
     return summed, norms, aux
 
-  def fn(params, *batch):
+  def fn(params, *batch, mask=None):
     if not batch:
       raise TypeError("clipped_grad: call as fn(params, *batch) with at least one "
                       "batch argument")
     b = _batch_size(batch)
+    mask = _check_mask(mask, b)
     m = microbatch_size
     plan, use_vmap = None, False
     if m is None and method != "vmap":
@@ -642,21 +678,23 @@ def clipped_grad(loss_fn: Callable[..., Any], *, max_norm: Any, method: str = "a
         if m < b:
           plan = None  # the microbatches are traced at their own size
     if m is None or m >= b:
-      summed, norms, aux = core(params, batch, plan, use_vmap)
+      summed, norms, aux = core(params, batch, mask, plan, use_vmap)
     else:
       if b % m:
         raise ValueError(f"batch size {b} is not a multiple of microbatch_size {m}")
       n = b // m
       mbs = jax.tree.map(lambda x: x.reshape((n, m) + x.shape[1:]), batch)
+      mms = None if mask is None else mask.reshape(n, m)
       zero = jax.tree.map(lambda p: jnp.zeros(p.shape, cm.f32(p).dtype) if _is_float(p)
                           else jnp.zeros(jnp.shape(p), jnp.float32), params)
 
-      def body(acc, mb):
-        s, nrm, ax = core(params, mb, None, use_vmap)
+      def body(acc, xs):
+        mb, mm = xs
+        s, nrm, ax = core(params, mb, mm, None, use_vmap)
         acc = jax.tree.map(lambda a, x: a + x, acc, s)
         return acc, (nrm, ax)
 
-      summed, (norms, aux) = lax.scan(body, zero, mbs)
+      summed, (norms, aux) = lax.scan(body, zero, (mbs, mms))
       norms = norms.reshape(b)
       if microbatch_size is None and aux is not None:
         # Microbatches chosen by the memory policy: per-example aux leaves come back
