@@ -12,12 +12,16 @@ evaluated and tested are their exponential moving average, see ``ema_update``) a
 ``--set ensemble=K`` trains K models with seeds ``--seed`` to ``--seed + K - 1`` (each in
 ``member-k/``, laid out as above) and tests the mean of their probabilities.
 
-DP-SGD (``--dp``, privacy unit: one training example): the gradient is
-``gradclip_jax.clipped_grad`` of the per-example losses (each clipped to ``--dp-max-norm``,
-summed), and the optimizer is ``optax.chain(add_noise(sigma, C), scale(1 / B), adam | sgd)``;
-every line of metrics.jsonl adds ``epsilon, noise_multiplier, dp_max_norm, delta``, and
-``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example norm and the fraction
-of examples clipped. See ``training.dp.add_dp_arguments``.
+DP-SGD (``--dp``, privacy unit: one training example): every step's batch is
+Poisson-sampled (``training.sampling.PoissonSampler``: each example with probability
+``q = B / N``, an epoch ``N // B`` steps) and padded to the sampler's capacity with rows of
+weight 0; the gradient is ``gradclip_jax.clipped_grad`` of the per-example losses (each
+clipped to ``--dp-max-norm``, summed), and the optimizer is ``optax.chain(add_noise(sigma,
+C), scale(1 / B), adam | sgd)``; every line of metrics.jsonl adds ``epsilon,
+noise_multiplier, dp_max_norm, delta, dp_sampling, batch_size_min, batch_size_max,
+batch_size_mean``, ``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example
+norm and the fraction of examples clipped, and ``results.json`` records the sampler and
+the accountant (``dp.sampler``, ``dp.accountant``). See ``training.dp.add_dp_arguments``.
 
 The Python entry point is :func:`train_and_evaluate` ``(config, workdir)`` with a
 ``configs.TrainConfig``; it resumes from the latest checkpoint in ``workdir`` when there
@@ -57,6 +61,7 @@ from gradclip_jax.training.classify import models
 from gradclip_jax.training.errors import UsageError
 from gradclip_jax.training.loop import Task, TrainLoop, per_second
 from gradclip_jax.training.metrics import Record, flattened, is_primary, report
+from gradclip_jax.training.sampling import PoissonSampler
 from gradclip_jax.training.state import TrainState, distinct_buffers
 
 
@@ -347,21 +352,24 @@ class EpochRecord(Record):
   grad_norm_mean: float
   clip_fraction: float
   examples_per_s: float | None
-  dp: Mapping | None = flattened()
+  dp: dp_lib.DPRecord | None = flattened()
 
 
 class _Task(Task):
   """The classification epochs for :class:`~gradclip_jax.training.loop.TrainLoop`:
-  length-bucketed batches, per-step metrics summed on the host every few steps, the
-  parameters with the best ``eval_acc`` kept (in the checkpoint too)."""
+  length-bucketed batches (with DP-SGD the padded Poisson batches of ``sampler``),
+  per-step metrics summed on the host every few steps, the parameters with the best
+  ``eval_acc`` kept (in the checkpoint too)."""
 
   def __init__(self, config: configs.TrainConfig, data, train_step, eval_step,
-               dp: dp_lib.DPSettings | None, mesh, best_params):
+               dp: dp_lib.DPSettings | None, sampler: PoissonSampler | None, mesh):
     self.config, self.cfg, self.data, self.dp, self.mesh = (config, config.hparams, data,
                                                            dp, mesh)
+    self.sampler = sampler
+    self.steps_per_epoch = len(data.train) // config.hparams.batch_size
     self.step_fn, self.eval_step = train_step, eval_step
     self.eval_key = "ema_params" if self.cfg.ema_decay > 0 else "params"  # evaluated/tested
-    self.best_params, self.best_eval_acc, self.best_epoch = best_params, None, None
+    self.best_params, self.best_eval_acc, self.best_epoch = None, None, None
     self.totals, self.pending = Totals(), []
     self.run_count = 0.0  # this call's examples
     self.grad_trace: list[float] = []
@@ -369,14 +377,23 @@ class _Task(Task):
 
   def begin_epoch(self, state, epoch):
     self.totals = Totals()
+    if self.sampler is not None:
+      self.sampler.begin_epoch()
     return state
 
   def batches(self, epoch, start):
-    cfg = self.cfg
-    for idx in input_pipeline.bucketed_batches(
-        self.data.train.lengths, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
-        chunk_batches=cfg.bucket_chunk_batches)[start:]:
-      batch = input_pipeline.make_batch(self.data.train, idx, pad_multiple=cfg.pad_multiple)
+    cfg, train = self.cfg, self.data.train
+    if self.sampler is None:
+      for idx in input_pipeline.bucketed_batches(
+          train.lengths, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+          chunk_batches=cfg.bucket_chunk_batches)[start:]:
+        batch = input_pipeline.make_batch(train, idx, pad_multiple=cfg.pad_multiple)
+        yield mesh_lib.shard_batch(batch, self.mesh)
+      return
+    for step in range(epoch * self.steps_per_epoch + start,
+                      (epoch + 1) * self.steps_per_epoch):
+      idx, rows = self.sampler.draw(step)
+      batch = input_pipeline.padded_batch(train, idx, rows, pad_multiple=cfg.pad_multiple)
       yield mesh_lib.shard_batch(batch, self.mesh)
 
   def train_step(self, state, batch):
@@ -410,7 +427,7 @@ class _Task(Task):
         epoch=epoch, step=step, train_loss=t.loss_sum / n, train_acc=t.correct / n,
         eval_acc=eval_acc, grad_norm_mean=t.grad_norm_sum / per,
         clip_fraction=t.clipped / per, examples_per_s=per_second(t.count, seconds),
-        dp=None if self.dp is None else self.dp.record(step))
+        dp=None if self.dp is None else self.dp.record(step, self.sampler.record()))
 
   def epoch_record(self, state, epoch, seconds, step):
     params = getattr(state, self.eval_key)
@@ -422,7 +439,8 @@ class _Task(Task):
       self.best_eval_acc, self.best_epoch = eval_acc, epoch
       self.best_params = _copy(params)
     shown = "none (no validation split)" if eval_acc is None else f"{eval_acc:.4f}"
-    eps = f" epsilon {r.dp['epsilon']:.3f}" if r.dp else ""
+    eps = (f" epsilon {r.dp.epsilon:.3f} batch size {r.dp.batch_size_min}-"
+           f"{r.dp.batch_size_max} (mean {r.dp.batch_size_mean:.1f})" if r.dp else "")
     rate = f"{r.examples_per_s:.0f}" if r.examples_per_s is not None else "-"
     report(f"epoch {epoch}: train_loss {r.train_loss:.4f} train_acc {r.train_acc:.4f} "
            f"eval_acc {shown} grad_norm {r.grad_norm_mean:.3f} clip "
@@ -434,11 +452,14 @@ class _Task(Task):
 
   def host_state(self):
     return {"totals": dataclasses.asdict(self.totals), "best_eval_acc": self.best_eval_acc,
-            "best_epoch": self.best_epoch}
+            "best_epoch": self.best_epoch,
+            "sampler": None if self.sampler is None else self.sampler.state_dict()}
 
   def load_host_state(self, saved):
     self.totals = Totals(**saved["totals"])
     self.best_eval_acc, self.best_epoch = saved["best_eval_acc"], saved["best_epoch"]
+    if self.sampler is not None:
+      self.sampler.load_state_dict(saved["sampler"])
 
   def checkpoint_tree(self, state):
     return {"train": state, "best_params": self.best_params}
@@ -498,10 +519,13 @@ def train_and_evaluate(config: configs.TrainConfig,
 
   steps_per_epoch = len(data.train) // cfg.batch_size
   planned_steps = steps_per_epoch * config.max_epochs
-  mesh = mesh_lib.make_mesh(mesh_lib.num_data_devices(cfg.batch_size, run.num_devices))
+  num_devices = mesh_lib.num_data_devices(cfg.batch_size, run.num_devices)
+  mesh = mesh_lib.make_mesh(num_devices)
   if mesh is not None and cfg.eval_batch_size % mesh.size:
     raise UsageError(f"eval_batch_size {cfg.eval_batch_size} is not divisible by the "
                      f"{mesh.size} data-parallel devices")
+  sampler = None if run.dp is None else PoissonSampler(
+      len(data.train), cfg.batch_size, run.seed, multiple=num_devices)
   model = make_model(cfg, len(data.vocab), data.num_classes)
   clip, dp = steps.clip_or_dp(run, cfg.max_grad_norm, batch_size=cfg.batch_size,
                               dataset_size=len(data.train), planned_steps=planned_steps)
@@ -509,8 +533,11 @@ def train_and_evaluate(config: configs.TrainConfig,
   state = mesh_lib.replicate(init_state(model, tx, cfg, run.seed), mesh)
   eval_step = make_eval_step(model)
   task = _Task(config, data, make_train_step(model, tx, dp, cfg.ema_decay), eval_step, dp,
-               mesh, best_params=None)
+               sampler, mesh)
   task.best_params = _copy(getattr(state, task.eval_key))
+  if sampler is not None:
+    report(f"Poisson batches of {cfg.batch_size} expected, padded to {sampler.capacity} "
+           "rows (more in the rare steps that draw more)")
 
   described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
   loop = TrainLoop(workdir, described, run, steps_per_epoch=steps_per_epoch,
@@ -533,7 +560,9 @@ def train_and_evaluate(config: configs.TrainConfig,
             "examples_per_s": per_second(task.run_count, loop.run_seconds),
             "config": dataclasses.asdict(hparams)}
   if dp is not None:
-    result["dp"] = {**dataclasses.asdict(dp), **dp.record(loop.step)}
+    result["dp"] = {**dataclasses.asdict(dp), "epsilon": dp.epsilon(loop.step),
+                    "dp_sampling": sampler.kind, "sampler": sampler.describe(),
+                    "accountant": dp.accountant(loop.step)}
   if is_primary():
     (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     np.savez(workdir / "predictions.npz", test_probs=test["probs"],
