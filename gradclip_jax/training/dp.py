@@ -213,6 +213,13 @@ class DPSettings:
             "event": _event_json(self.event(steps)), "delta": self.delta,
             "epsilon": self.epsilon(steps)}
 
+  def results(self, steps: int, sampler) -> dict[str, Any]:
+    """The ``dp`` entry of results.json after ``steps`` steps: these settings, the
+    epsilon spent, the sampler (``PoissonSampler.describe``) and the accountant."""
+    return {**dataclasses.asdict(self), "epsilon": self.epsilon(steps),
+            "dp_sampling": sampler.kind, "sampler": sampler.describe(),
+            "accountant": self.accountant(steps)}
+
   def as_meta(self) -> dict[str, Any]:
     """What a checkpoint stores to refuse resuming with other DP settings."""
     return {"noise_multiplier": self.noise_multiplier, "max_norm": self.max_norm,

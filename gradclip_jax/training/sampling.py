@@ -192,8 +192,9 @@ class PoissonSampler:
             "stats": dataclasses.asdict(self.stats)}
 
   def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-    if (saved.get("kind"), saved.get("seed"), saved.get("capacity")) != (
-        self.kind, self.seed, self.capacity):
+    """Restores :meth:`state_dict` (the capacity may differ: a resumed run may use
+    other devices; padding changes no result)."""
+    if (saved.get("kind"), saved.get("seed")) != (self.kind, self.seed):
       raise ValueError(f"the checkpoint's sampler {dict(saved)} is not this run's "
                        f"({self.state_dict()})")
     self.stats = BatchSizeStats(**saved["stats"])

@@ -362,14 +362,15 @@ class _Task(Task):
   ``eval_acc`` kept (in the checkpoint too)."""
 
   def __init__(self, config: configs.TrainConfig, data, train_step, eval_step,
-               dp: dp_lib.DPSettings | None, sampler: PoissonSampler | None, mesh):
+               dp: dp_lib.DPSettings | None, sampler: PoissonSampler | None, mesh, state):
     self.config, self.cfg, self.data, self.dp, self.mesh = (config, config.hparams, data,
                                                            dp, mesh)
     self.sampler = sampler
     self.steps_per_epoch = len(data.train) // config.hparams.batch_size
     self.step_fn, self.eval_step = train_step, eval_step
     self.eval_key = "ema_params" if self.cfg.ema_decay > 0 else "params"  # evaluated/tested
-    self.best_params, self.best_eval_acc, self.best_epoch = None, None, None
+    self.best_params = _copy(getattr(state, self.eval_key))  # replaced by a checkpoint's
+    self.best_eval_acc, self.best_epoch = None, None
     self.totals, self.pending = Totals(), []
     self.run_count = 0.0  # this call's examples
     self.grad_trace: list[float] = []
@@ -533,8 +534,7 @@ def train_and_evaluate(config: configs.TrainConfig,
   state = mesh_lib.replicate(init_state(model, tx, cfg, run.seed), mesh)
   eval_step = make_eval_step(model)
   task = _Task(config, data, make_train_step(model, tx, dp, cfg.ema_decay), eval_step, dp,
-               sampler, mesh)
-  task.best_params = _copy(getattr(state, task.eval_key))
+               sampler, mesh, state)
   if sampler is not None:
     report(f"Poisson batches of {cfg.batch_size} expected, padded to {sampler.capacity} "
            "rows (more in the rare steps that draw more)")
@@ -549,20 +549,18 @@ def train_and_evaluate(config: configs.TrainConfig,
     loop.close()
 
   # Test the parameters with the best eval_acc (the final ones if no epoch finished).
-  selected = task.best_epoch
-  test = evaluate(eval_step, task.best_params if selected else getattr(state, task.eval_key),
-                  data.test, cfg, mesh)
-  hparams = dataclasses.replace(cfg, max_epochs=config.max_epochs)
+  test = evaluate(eval_step, task.best_params if task.best_epoch else
+                  getattr(state, task.eval_key), data.test, cfg, mesh)
   result = {"dataset": config.dataset, "clip": run.clip, "clip_value": run.clip_value,
             "seed": run.seed, "steps": loop.step, "steps_per_epoch": steps_per_epoch,
-            "test_acc": test["acc"], "test_loss": test["loss"], "selected_epoch": selected,
-            "best_eval_acc": task.best_eval_acc, "load_seconds": load_seconds,
+            "test_acc": test["acc"], "test_loss": test["loss"],
+            "selected_epoch": task.best_epoch, "best_eval_acc": task.best_eval_acc,
+            "load_seconds": load_seconds,
             "examples_per_s": per_second(task.run_count, loop.run_seconds),
-            "config": dataclasses.asdict(hparams)}
+            "config": dataclasses.asdict(dataclasses.replace(cfg,
+                                                             max_epochs=config.max_epochs))}
   if dp is not None:
-    result["dp"] = {**dataclasses.asdict(dp), "epsilon": dp.epsilon(loop.step),
-                    "dp_sampling": sampler.kind, "sampler": sampler.describe(),
-                    "accountant": dp.accountant(loop.step)}
+    result["dp"] = dp.results(loop.step, sampler)
   if is_primary():
     (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     np.savez(workdir / "predictions.npz", test_probs=test["probs"],

@@ -49,7 +49,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -514,7 +514,6 @@ def _write_results(workdir: pathlib.Path, config: configs.TrainConfig, test_ppl:
   privacy spent, the sampler and the accountant."""
   result = {"test_ppl": test_ppl, "steps": step, "config": config.describe()}
   if dp is not None:
-    result["dp"] = {**dataclasses.asdict(dp), "epsilon": dp.epsilon(step),
-                    "sampler": sampler.describe(), "accountant": dp.accountant(step)}
+    result["dp"] = dp.results(step, sampler)
   if is_primary():
     (workdir / "results.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
