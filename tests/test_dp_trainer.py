@@ -15,6 +15,7 @@ import pytest
 
 import gradclip_jax
 from gradclip_jax.training import cli, flags
+from gradclip_jax.training import mesh as mesh_lib
 from gradclip_jax.training import dp as dp_lib
 from gradclip_jax.training.metrics import MetricsWriter
 from gradclip_jax.training.classify import configs, input_pipeline
@@ -286,31 +287,6 @@ def test_padded_poisson_batch_changes_nothing():
   assert float(m8["count"]) == 5 and 1 <= float(m8["clipped"]) < 5  # C = 0.94 clips some
 
 
-def test_ptb_padded_windows_change_nothing():
-  """PTB's DP step: windows padded with weight-0 rows give the unpadded step's update and
-  epoch accumulators (cost, words, windows, norms, clipped)."""
-  from gradclip_jax.training.ptb import configs as ptb_configs  # pylint: disable=C0415
-  hp = ptb_configs.get_config("test")
-  model = ptb_train.build_model(hp)
-  dp = dp_lib.DPSettings(noise_multiplier=0.5, max_norm=0.5, delta=1e-5, batch_size=4,
-                         dataset_size=100, planned_steps=10, method="vmap")
-  tx = ptb_train.build_optimizer(hp, dp_lib.dp_transform(dp, seed=0), epoch_size=10)
-  step = ptb_train.make_train_step(model, tx, dp=dp)
-  rng = np.random.default_rng(0)
-  x, y = (rng.integers(0, 10000, (3, 2)).astype(np.int32) for _ in range(2))
-  pad = lambda a: np.concatenate([a, np.zeros((3, 2), np.int32)])
-  w8 = np.array([1, 1, 1, 0, 0, 0], np.float32)
-  out = {}
-  for name, args in (("plain", (x, y, np.ones(3, np.float32))), ("padded", (pad(x), pad(y), w8))):
-    state = ptb_train.init_state(model, tx, hp, seed=0)
-    out[name] = step(state, *args)
-  _close(out["padded"].params, out["plain"].params)
-  a, b = jax.device_get(out["padded"].acc), jax.device_get(out["plain"].acc)
-  for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
-  assert float(a["examples"]) == 3 and float(a["words"]) == 6
-
-
 def test_dp_example_stats_ignore_filler_and_nonfinite():
   s = dp_lib.dp_example_stats(jnp.array([0.5, 2.0, 0.0, jnp.nan, 3.0]),
                               jnp.array([1.0, 1.0, 0.0, 1.0, 0.0]), 1.0)
@@ -341,6 +317,32 @@ def test_ptb_dp_smoke(shared_data_dir, tmp_path):
   dp = json.loads((tmp_path / "results.json").read_text())["dp"]
   assert dp["sampler"]["dataset_size"] == windows and dp["accountant"]["event"]["count"] == 132
   assert dp["epsilon"] == e2["epsilon"]
+
+
+def test_ptb_padded_windows_change_nothing():
+  """PTB's DP step: 24 windows padded with 24 weight-0 rows give the unpadded step's
+  update and epoch accumulators (cost, words, windows, norms, clipped). (The program is
+  test_ptb_dp_smoke's, at its capacity 24 and its overflow 48: compiled there once.)"""
+  from gradclip_jax.training.ptb import configs as ptb_configs  # pylint: disable=C0415
+  hp = ptb_configs.get_config("test")
+  model = ptb_train.build_model(hp)
+  dp = dp_lib.DPSettings(noise_multiplier=1.5, max_norm=2.0, delta=1e-5, batch_size=20,
+                         dataset_size=1333, planned_steps=132, method="vmap")
+  tx = ptb_train.build_optimizer(hp, dp_lib.dp_transform(dp, seed=0), epoch_size=66)
+  step = ptb_train.make_train_step(model, tx, dp=dp)
+  rng = np.random.default_rng(0)
+  x, y = (rng.integers(0, 10000, (24, 2)).astype(np.int32) for _ in range(2))
+  pad = lambda a: np.concatenate([a, np.zeros_like(a)])
+  out = {}
+  for name, args in (("plain", (x, y, np.ones(24, np.float32))),
+                     ("padded", (pad(x), pad(y), pad(np.ones(24, np.float32))))):
+    state = ptb_train.place_state(ptb_train.init_state(model, tx, hp, seed=0), None)
+    out[name] = step(state, *(mesh_lib.shard_batch(a, None) for a in args))
+  _close(out["padded"].params, out["plain"].params)
+  a, b = jax.device_get(out["padded"].acc), jax.device_get(out["plain"].acc)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+  assert float(a["examples"]) == 24 and float(a["words"]) == 48 and a["grad_norm_sum"] > 0
 
 
 def test_ptb_dp_windows_are_disjoint():
