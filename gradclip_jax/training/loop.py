@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import jax
 
 from gradclip_jax.training import checkpoints, steps
-from gradclip_jax.training.errors import Interrupted
+from gradclip_jax.training.errors import Interrupted, UsageError
 from gradclip_jax.training.interrupt import catch_signals
 from gradclip_jax.training.metrics import MetricsWriter, jsonable, progress_bar, report
 from gradclip_jax.training.options import RunOptions
@@ -134,6 +134,9 @@ class TrainLoop:
     latest = self._ckpt.restore_meta()
     if latest is not None:
       checkpoints.check_resume_config(latest[1].get("config"), self.config)
+      if "epoch_seconds" not in latest[1]:
+        raise UsageError("--resume: the checkpoint was written by an older gradclip (another "
+                         "layout); start afresh with --overwrite")
       tree, meta = self._ckpt.restore(task.checkpoint_tree(state))
       state = task.from_checkpoint_tree(tree)
       self.step, self.epoch_seconds = int(meta["step"]), float(meta["epoch_seconds"])
