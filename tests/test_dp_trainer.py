@@ -1,8 +1,11 @@
 """Tests of the DP-SGD trainers: ``gradclip classify --dp`` and ``gradclip ptb --dp``."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +15,12 @@ import pytest
 
 import gradclip_jax
 from gradclip_jax.training import cli, flags
+from gradclip_jax.training import mesh as mesh_lib
 from gradclip_jax.training import dp as dp_lib
 from gradclip_jax.training.metrics import MetricsWriter
-from gradclip_jax.training.classify import configs
+from gradclip_jax.training.classify import configs, input_pipeline
 from gradclip_jax.training.classify import train as classify_train
+from gradclip_jax.training.ptb import input_pipeline as ptb_input
 from gradclip_jax.training.ptb import train as ptb_train
 
 pytest.importorskip("dp_accounting")
@@ -37,13 +42,28 @@ def _records(workdir):
 
 
 @pytest.fixture(scope="module")
-def target_run(shared_data_dir, cache_dir, tmp_path_factory):
-  """Three epochs with the noise multiplier derived from --target-epsilon 4."""
+def target_output(shared_data_dir, cache_dir, tmp_path_factory):
+  """Three epochs with the noise multiplier derived from --target-epsilon 4: the workdir
+  and what the run printed."""
   workdir = tmp_path_factory.mktemp("dp_target")
-  assert _classify(workdir, shared_data_dir, cache_dir, "--max-epochs", "3", "--dp",
-                   "--target-epsilon", "4", "--delta", "1e-5", "--dp-max-norm", "0.5",
-                   "--clip", "none") == 0
-  return workdir
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert _classify(workdir, shared_data_dir, cache_dir, "--max-epochs", "3", "--dp",
+                     "--target-epsilon", "4", "--delta", "1e-5", "--dp-max-norm", "0.5",
+                     "--clip", "none") == 0
+  return workdir, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def target_run(target_output):
+  return target_output[0]
+
+
+def _draw_sizes(seed, n, b, steps):
+  """The Poisson batch sizes of steps ``0..steps-1`` (the sampler's documented stream:
+  ``default_rng([seed, step, 0x504F4953])``, every example with probability b / n)."""
+  return [int(np.sum(np.random.default_rng([seed, t, 0x504F4953]).random(n) < b / n))
+          for t in range(steps)]
 
 
 def test_classify_dp_logs_epsilon_per_epoch(target_run):
@@ -66,6 +86,52 @@ def test_classify_dp_logs_epsilon_per_epoch(target_run):
   assert sigma == pytest.approx(accounting.noise_multiplier_for_epsilon(4.0, 1e-5, q, 12))
   assert 3.9 < eps[-1] <= 4.0
   assert result["dp"]["epsilon"] == eps[-1] and result["clip"] == "dp"
+  # Each record's realized batch sizes are those of the epoch's Poisson draws.
+  sizes = _draw_sizes(0, 64, 16, 12)
+  for e, r in enumerate(records):
+    mine = sizes[4 * e:4 * e + 4]
+    assert r["dp_sampling"] == "poisson" and result["dp"]["dp_sampling"] == "poisson"
+    assert (r["batch_size_min"], r["batch_size_max"]) == (min(mine), max(mine))
+    assert r["batch_size_mean"] == pytest.approx(np.mean(mine), rel=1e-12)
+
+
+def test_accountant_event_matches_the_sampler(target_run):
+  """results.json: the sampler that ran and the event accounted agree (rate, steps, no
+  truncation), and dp_accounting, given that event, gives the epsilon recorded."""
+  import dp_accounting  # pylint: disable=import-outside-toplevel
+  from dp_accounting import rdp  # pylint: disable=import-outside-toplevel
+  dp = json.loads((target_run / "results.json").read_text())["dp"]
+  sampler, acct = dp["sampler"], dp["accountant"]
+  assert sampler["kind"] == "poisson" and sampler["sample_rate"] == 16 / 64
+  assert sampler["dataset_size"] == 64 and sampler["steps_per_epoch"] == 64 // 16
+  assert "no example dropped" in sampler["overflow"] and sampler["capacity"] >= 16
+  event = acct["event"]
+  assert event["class_name"] == "SelfComposedDpEvent" and event["count"] == 12
+  assert event["event"]["class_name"] == "PoissonSampledDpEvent"  # not truncated
+  assert event["event"]["sampling_probability"] == sampler["sample_rate"]
+  assert event["event"]["event"] == {"class_name": "GaussianDpEvent",
+                                     "noise_multiplier": dp["noise_multiplier"]}
+  assert acct["neighboring_relation"] == "ADD_OR_REMOVE_ONE" and acct["delta"] == 1e-5
+  acc = rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      16 / 64, dp_accounting.GaussianDpEvent(dp["noise_multiplier"])), 12))
+  assert acc.get_epsilon(1e-5) == pytest.approx(dp["epsilon"], rel=1e-12)
+  assert acct["epsilon"] == dp["epsilon"]
+
+
+def test_printed_epsilon_matches_the_accountant(target_output):
+  """Every epsilon the run prints is gradclip_jax.dp.accounting's for the steps run."""
+  workdir, out = target_output
+  sigma = _records(workdir)[0]["noise_multiplier"]
+  printed = [(int(e), float(eps)) for e, eps in
+             re.findall(r"^epoch (\d+): .* epsilon (\d+\.\d+)", out, flags=re.M)]
+  assert [e for e, _ in printed] == [1, 2, 3]
+  for e, eps in printed:
+    assert eps == round(accounting.epsilon_spent(sigma, 16 / 64, 4 * e, 1e-5), 3)
+  planned = re.search(r"^DP-SGD: noise multiplier (\d+\.\d+), .*Poisson sampling.* "
+                      r"epsilon (\d+\.\d+) after the planned 12 steps", out, flags=re.M)
+  assert float(planned[1]) == round(sigma, 4)
+  assert float(planned[2]) == round(accounting.epsilon_spent(sigma, 0.25, 12, 1e-5), 3)
 
 
 def test_classify_dp_resume_reproduces_the_run(target_run, shared_data_dir, cache_dir,
@@ -180,6 +246,47 @@ def test_dp_step_matches_vmap_reference(num_layers):
   assert int(new_state.opt_state[0][0].count) == 1  # add_noise state advanced
 
 
+def _tiny_split(rng, n=12, t=9, vocab=30):
+  lengths = rng.integers(1, t + 1, n).astype(np.int32)
+  tokens = np.where(np.arange(t)[None] < lengths[:, None], rng.integers(2, vocab, (n, t)),
+                    0).astype(np.int32)
+  return input_pipeline.Split(tokens, lengths, rng.integers(0, 2, n).astype(np.int32))
+
+
+def _close(a, b, rtol=1e-6, atol=1e-7):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_padded_poisson_batch_changes_nothing():
+  """A Poisson draw padded to the capacity gives the unpadded batch's update (plain SGD,
+  the same noise: so the same clipped sum) and metrics (loss, accuracy, count, sum of
+  the per-example norms, examples clipped)."""
+  cfg, model = _tiny_classifier(0)
+  rng = np.random.default_rng(1)
+  split = _tiny_split(rng)
+  idx = np.array([0, 3, 4, 7, 10])
+  padded = input_pipeline.padded_batch(split, idx, 8, pad_multiple=cfg.pad_multiple)
+  plain = input_pipeline.padded_batch(split, idx, 5, pad_multiple=cfg.pad_multiple)
+  assert padded["weights"].tolist() == [1] * 5 + [0] * 3
+  assert plain["weights"].tolist() == [1] * 5
+  params = jax.jit(model.init)(jax.random.key(1), plain["tokens"], plain["mask"])["params"]
+
+  dp = dp_lib.DPSettings(noise_multiplier=0.7, max_norm=0.94, delta=1e-5, batch_size=5,
+                         dataset_size=12, planned_steps=10, method="auto")
+  tx = classify_train.make_optimizer(cfg, dp_lib.dp_transform(dp, seed=3), 10)
+  step = classify_train.make_train_step(model, tx, dp)
+  new = lambda: jax.tree.map(jnp.copy, classify_train.ClassifyState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+      rng=jax.random.key_data(jax.random.key(2))))
+  s8, m8 = step(new(), padded)
+  s5, m5 = step(new(), plain)
+  _close(s8.params, s5.params)
+  for k in ("loss_sum", "correct", "count", "grad_norm", "clipped"):
+    np.testing.assert_allclose(float(m8[k]), float(m5[k]), rtol=1e-6, err_msg=k)
+  assert float(m8["count"]) == 5 and 1 <= float(m8["clipped"]) < 5  # C = 0.94 clips some
+
+
 def test_dp_example_stats_ignore_filler_and_nonfinite():
   s = dp_lib.dp_example_stats(jnp.array([0.5, 2.0, 0.0, jnp.nan, 3.0]),
                               jnp.array([1.0, 1.0, 0.0, 1.0, 0.0]), 1.0)
@@ -194,23 +301,60 @@ def test_ptb_dp_smoke(shared_data_dir, tmp_path):
                    "--noise-multiplier", "1.5", "--dp-max-norm", "2"]) == 0
   records = MetricsWriter.read(tmp_path)
   e1, e2, final = records
-  windows = 20 * 99  # (4000 // 20 - 1) // 2 = 99 windows of 20 rows per epoch
-  for r, steps in ((e1, 99), (e2, 198)):
+  windows = 4000 // 3  # disjoint windows of num_steps + 1 = 3 tokens
+  sizes = _draw_sizes(0, windows, 20, 2 * 66)  # 1333 // 20 = 66 steps per epoch
+  for r, steps in ((e1, 66), (e2, 132)):
     assert r["step"] == steps and r["noise_multiplier"] == 1.5 and r["dp_max_norm"] == 2
     assert r["epsilon"] == pytest.approx(
         accounting.epsilon_spent(1.5, 20 / windows, steps, 1e-5), rel=1e-9)
     assert np.isfinite(r["train_ppl"]) and np.isfinite(r["valid_ppl"])
     assert 0 <= r["clip_fraction"] <= 1 and r["grad_norm_max"] >= r["grad_norm_mean"]
+    mine = sizes[steps - 66:steps]
+    assert r["dp_sampling"] == "poisson"
+    assert (r["batch_size_min"], r["batch_size_max"]) == (min(mine), max(mine))
+    assert r["batch_size_mean"] == pytest.approx(np.mean(mine), rel=1e-12)
   assert e1["epsilon"] < e2["epsilon"] and "test_ppl" in final
+  dp = json.loads((tmp_path / "results.json").read_text())["dp"]
+  assert dp["sampler"]["dataset_size"] == windows and dp["accountant"]["event"]["count"] == 132
+  assert dp["epsilon"] == e2["epsilon"]
 
 
-def test_ptb_dp_windows_are_a_seeded_permutation():
-  xs = np.arange(4 * 3 * 2).reshape(4, 3, 2)
-  a, b = ptb_train.dp_epoch_windows(xs, xs + 1, seed=0, epoch=1)
-  assert a.shape == xs.shape and np.array_equal(b, a + 1)
-  assert sorted(map(tuple, a.reshape(-1, 2))) == sorted(map(tuple, xs.reshape(-1, 2)))
-  assert np.array_equal(a, ptb_train.dp_epoch_windows(xs, xs, 0, 1)[0])
-  assert not np.array_equal(a, ptb_train.dp_epoch_windows(xs, xs, 0, 2)[0])
+def test_ptb_padded_windows_change_nothing():
+  """PTB's DP step: 24 windows padded with 24 weight-0 rows give the unpadded step's
+  update and epoch accumulators (cost, words, windows, norms, clipped). (The program is
+  test_ptb_dp_smoke's, at its capacity 24 and its overflow 48: compiled there once.)"""
+  from gradclip_jax.training.ptb import configs as ptb_configs  # pylint: disable=C0415
+  hp = ptb_configs.get_config("test")
+  model = ptb_train.build_model(hp)
+  dp = dp_lib.DPSettings(noise_multiplier=1.5, max_norm=2.0, delta=1e-5, batch_size=20,
+                         dataset_size=1333, planned_steps=132, method="vmap")
+  tx = ptb_train.build_optimizer(hp, dp_lib.dp_transform(dp, seed=0), epoch_size=66)
+  step = ptb_train.make_train_step(model, tx, dp=dp)
+  rng = np.random.default_rng(0)
+  x, y = (rng.integers(0, 10000, (24, 2)).astype(np.int32) for _ in range(2))
+  pad = lambda a: np.concatenate([a, np.zeros_like(a)])
+  out = {}
+  for name, args in (("plain", (x, y, np.ones(24, np.float32))),
+                     ("padded", (pad(x), pad(y), pad(np.ones(24, np.float32))))):
+    state = ptb_train.place_state(ptb_train.init_state(model, tx, hp, seed=0), None)
+    out[name] = step(state, *(mesh_lib.shard_batch(a, None) for a in args))
+  _close(out["padded"].params, out["plain"].params)
+  a, b = jax.device_get(out["padded"].acc), jax.device_get(out["plain"].acc)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+  assert float(a["examples"]) == 24 and float(a["words"]) == 48 and a["grad_norm_sum"] > 0
+
+
+def test_ptb_dp_windows_are_disjoint():
+  ids = np.arange(23)
+  x, y = ptb_input.windows(ids, 4)  # 23 // 5 = 4 windows of 5 tokens
+  assert x.shape == y.shape == (4, 4)
+  np.testing.assert_array_equal(x[1], [5, 6, 7, 8])
+  np.testing.assert_array_equal(y[1], [6, 7, 8, 9])
+  np.testing.assert_array_equal(np.sort(np.concatenate([x[:, :1], y], 1).ravel()),
+                                np.arange(20))  # every token in exactly one window
+  with pytest.raises(ValueError, match="too few"):
+    ptb_input.windows(ids[:4], 4)
 
 
 def test_bag_of_embeddings_model_needs_no_last_pooling():

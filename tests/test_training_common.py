@@ -328,3 +328,20 @@ def test_shard_batch_places_rows_on_the_mesh():
   for shard in a.addressable_shards:
     np.testing.assert_array_equal(shard.data, x[shard.index])
   np.testing.assert_array_equal(mesh_lib.to_host(a), x)
+
+
+def test_train_loop_refuses_a_checkpoint_of_another_layout(tmp_path):
+  """A checkpoint written before the shared loop (its meta has no ``epoch_seconds``) is
+  refused with a UsageError naming --overwrite, not an Orbax traceback."""
+  from gradclip_jax.training.errors import UsageError  # pylint: disable=import-outside-toplevel
+  from gradclip_jax.training.loop import Task, TrainLoop  # pylint: disable=C0415
+  from gradclip_jax.training.options import RunOptions  # pylint: disable=C0415
+  ck = checkpoints.Checkpointer(tmp_path)
+  ck.save(3, {"w": jnp.zeros(2)}, {"epoch": 0, "pos": 3, "global_step": 3,
+                                   "config": {"seed": 0}})
+  ck.close()
+  loop = TrainLoop(tmp_path, {"seed": 0}, RunOptions(data_dir=tmp_path),
+                   steps_per_epoch=4, max_epochs=1)
+  with pytest.raises(UsageError, match="older gradclip.*--overwrite"):
+    loop.restore(Task(), {"w": jnp.zeros(2)})
+  loop.close()

@@ -6,8 +6,11 @@ Assumptions, stated once: every step is a *Poisson-subsampled* Gaussian mechanis
 ``noise_multiplier * max_norm`` on the *sum* of per-example gradients clipped to
 ``max_norm``, neighbouring data sets differ by adding or removing one example, and
 the accountant is RDP (``dp_accounting.rdp.RdpAccountant``, Mironov 2017; Mironov,
-Talwar & Zhang 2019). Trainers that draw fixed-size shuffled batches use this as
-the customary approximation; it is exact only for Poisson sampling.
+Talwar & Zhang 2019). It holds only for Poisson sampling: fixed-size shuffled batches
+are a different mechanism, whose privacy can be far weaker (Chua et al. 2024, "How
+Private are DP-SGD Implementations?", ICML). The trainers' ``--dp`` samples Poisson
+batches (``gradclip_jax.training.sampling``) and accounts them with
+:func:`poisson_gaussian_event`.
 
 ``dp_accounting`` is imported inside the functions, so ``import gradclip_jax`` does
 not need it (``pip install gradclip_jax[train]``).
@@ -19,7 +22,7 @@ import math
 
 import numpy as np
 
-__all__ = ["epsilon_spent", "noise_multiplier_for_epsilon"]
+__all__ = ["epsilon_spent", "noise_multiplier_for_epsilon", "poisson_gaussian_event"]
 
 
 def _real(name: str, value) -> float:
@@ -50,11 +53,28 @@ def _check(sample_rate, steps, delta) -> tuple:
   return sample_rate, int(steps), delta
 
 
-def _event(noise_multiplier: float, sample_rate: float, steps: int):
+def poisson_gaussian_event(noise_multiplier: float, sample_rate: float, steps: int):
+  """The ``dp_accounting`` event of ``steps`` Poisson-sampled Gaussian steps.
+
+  ``SelfComposedDpEvent(PoissonSampledDpEvent(sample_rate,
+  GaussianDpEvent(noise_multiplier)), steps)``: what :func:`epsilon_spent` accounts (and
+  what a trainer that samples every example independently with probability
+  ``sample_rate``, with no truncation, runs). Compose it into any ``dp_accounting``
+  accountant (RDP, PLD).
+
+  Examples:
+    >>> from gradclip_jax.dp import accounting
+    >>> e = accounting.poisson_gaussian_event(1.1, 0.01, 100)
+    >>> e.count, e.event.sampling_probability, e.event.event.noise_multiplier
+    (100, 0.01, 1.1)
+  """
   import dp_accounting  # pylint: disable=import-outside-toplevel
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(
           sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
+
+
+_event = poisson_gaussian_event
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int,

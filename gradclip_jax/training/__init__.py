@@ -8,7 +8,8 @@ Each trainer's ``train.train_and_evaluate(config, workdir)`` takes its
 ``configs.TrainConfig``. The pieces they share, one job per module: ``flags`` (command
 line, ``--set``, :class:`~gradclip_jax.training.errors.UsageError`), ``options``
 (``RunOptions``), ``clip`` (the ``--clip`` rule, gradient-norm logging), ``dp`` (DP-SGD
-settings), ``steps`` (the gradient update), ``state`` (the typed train state),
+settings), ``steps`` (the gradient update), ``loop`` (the training loop: resume,
+checkpoints, signals, evaluation, progress), ``state`` (the typed train state),
 ``checkpoints`` (Orbax, the workdir policy), ``metrics`` (metrics.jsonl, progress,
 logging), ``mesh`` (devices, sharding, multi-host), ``interrupt`` (SIGINT / SIGTERM).
 

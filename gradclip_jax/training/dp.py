@@ -7,8 +7,13 @@
   gradients, ``gradclip_jax.clipped_grad``) and :func:`dp_example_stats`.
 * :func:`check_dp_resume` -- refuses resuming with other DP settings.
 
+The batches are Poisson-sampled (:class:`gradclip_jax.training.sampling.PoissonSampler`):
+the mechanism that :func:`gradclip_jax.dp.accounting.poisson_gaussian_event` describes
+and the RDP accountant accounts, with no approximation.
+
 DP-SGD: Abadi et al. (2016), "Deep Learning with Differential Privacy", CCS; the RDP
-accountant: Mironov (2017), "Renyi Differential Privacy", CSF.
+accountant: Mironov (2017), "Renyi Differential Privacy", CSF; Mironov, Talwar & Zhang
+(2019), "Renyi Differential Privacy of the Sampled Gaussian Mechanism".
 """
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ import optax
 
 import gradclip_jax
 from gradclip_jax.training.errors import UsageError
+from gradclip_jax.training.metrics import Record
 
 __all__ = ["DP_METHODS", "DEFAULT_DELTA", "add_dp_arguments", "dp_flags_from_args",
-           "DPFlags", "DPSettings", "dp_noise_seed", "dp_transform", "dp_clipped_grad",
-           "dp_example_stats", "check_dp_resume"]
+           "DPFlags", "DPSettings", "DPRecord", "dp_noise_seed", "dp_transform",
+           "dp_clipped_grad", "dp_example_stats", "check_dp_resume"]
 
 #: ``--dp-method``: how ``gradclip_jax.clipped_grad`` gets the per-example norms.
 DP_METHODS = ("auto", "ghost", "vmap")
@@ -63,9 +69,11 @@ def add_dp_arguments(parser: argparse.ArgumentParser, *, unit: str,
       f"Privacy unit: {unit}. Each example's gradient is clipped to L2 norm "
       "--dp-max-norm (this replaces --clip), Gaussian noise of stddev "
       "noise_multiplier * dp_max_norm is added to the sum, and the sum is divided by "
-      "the batch size. Epsilon is accounted with the RDP accountant assuming Poisson "
-      "sampling with rate batch_size / training examples (the trainers draw "
-      "fixed-size shuffled batches: the customary approximation).")
+      "the expected batch size. Batches are Poisson-sampled: every step, each example "
+      "joins the batch independently with probability q = batch_size / training "
+      "examples (an epoch is training examples // batch_size steps), padded to a fixed "
+      "capacity with masked rows; epsilon is accounted for exactly that (RDP "
+      "accountant, Poisson-subsampled Gaussian, add/remove-one neighbours).")
   g.add_argument("--dp", action="store_true", help="train with DP-SGD")
   g.add_argument("--noise-multiplier", type=float, default=None, metavar="SIGMA",
                  help="noise stddev / dp_max_norm; derived from --target-epsilon when "
@@ -172,6 +180,14 @@ class DPSettings:
   def sample_rate(self) -> float:
     return self.batch_size / self.dataset_size
 
+  def event(self, steps: int):
+    """The ``dp_accounting`` event of ``steps`` steps of this run: ``steps`` Poisson-sampled
+    Gaussian steps at rate ``B / N`` (:func:`~gradclip_jax.dp.accounting.poisson_gaussian_event`)."""
+    from gradclip_jax.dp import accounting  # pylint: disable=import-outside-toplevel
+
+    return accounting.poisson_gaussian_event(self.noise_multiplier, self.sample_rate,
+                                             int(steps))
+
   def epsilon(self, steps: int) -> float:
     """Epsilon spent after ``steps`` steps (RDP accountant, Poisson sampling)."""
     from gradclip_jax.dp import accounting  # pylint: disable=import-outside-toplevel
@@ -180,10 +196,29 @@ class DPSettings:
       return accounting.epsilon_spent(self.noise_multiplier, self.sample_rate, int(steps),
                                       self.delta)
 
-  def record(self, steps: int) -> dict[str, float]:
-    """The DP fields of a metrics.jsonl line after ``steps`` steps."""
-    return {"epsilon": self.epsilon(steps), "noise_multiplier": self.noise_multiplier,
-            "dp_max_norm": self.max_norm, "delta": self.delta}
+  def record(self, steps: int, sampling: Mapping[str, Any]) -> DPRecord:
+    """The DP fields of a metrics.jsonl line after ``steps`` steps; ``sampling``: the
+    sampler's fields of the epoch (``PoissonSampler.record``)."""
+    return DPRecord(epsilon=self.epsilon(steps), noise_multiplier=self.noise_multiplier,
+                    dp_max_norm=self.max_norm, delta=self.delta, **sampling)
+
+  def accountant(self, steps: int) -> dict[str, Any]:
+    """What results.json records about the accounting of ``steps`` steps."""
+    import dp_accounting  # pylint: disable=import-outside-toplevel
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+    return {"accountant": "dp_accounting.rdp.RdpAccountant",
+            "dp_accounting_version": metadata.version("dp-accounting"),
+            "neighboring_relation": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE.name,
+            "event": _event_json(self.event(steps)), "delta": self.delta,
+            "epsilon": self.epsilon(steps)}
+
+  def results(self, steps: int, sampler) -> dict[str, Any]:
+    """The ``dp`` entry of results.json after ``steps`` steps: these settings, the
+    epsilon spent, the sampler (``PoissonSampler.describe``) and the accountant."""
+    return {**dataclasses.asdict(self), "epsilon": self.epsilon(steps),
+            "dp_sampling": sampler.kind, "sampler": sampler.describe(),
+            "accountant": self.accountant(steps)}
 
   def as_meta(self) -> dict[str, Any]:
     """What a checkpoint stores to refuse resuming with other DP settings."""
@@ -193,10 +228,36 @@ class DPSettings:
 
   def describe(self) -> str:
     return (f"DP-SGD: noise multiplier {self.noise_multiplier:.4f}, per-example clip "
-            f"{self.max_norm:g}, sampling rate {self.batch_size}/{self.dataset_size} = "
-            f"{self.sample_rate:.4g}, delta {self.delta:g}, {self.method} norms; epsilon "
-            f"{self.epsilon(self.planned_steps):.3f} after the planned "
-            f"{self.planned_steps} steps")
+            f"{self.max_norm:g}, Poisson sampling at rate {self.batch_size}/"
+            f"{self.dataset_size} = {self.sample_rate:.4g}, delta {self.delta:g}, "
+            f"{self.method} norms; epsilon {self.epsilon(self.planned_steps):.3f} after the "
+            f"planned {self.planned_steps} steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPRecord(Record):
+  """The DP-SGD fields of an epoch's metrics record: the epsilon spent so far (at
+  ``delta``) and the epoch's realized Poisson batch sizes."""
+
+  epsilon: float
+  noise_multiplier: float
+  dp_max_norm: float
+  delta: float
+  dp_sampling: str
+  batch_size_min: int | None
+  batch_size_max: int | None
+  batch_size_mean: float | None
+
+
+def _event_json(event) -> dict[str, Any]:
+  """A ``dp_accounting`` event as nested JSON (its ``to_named_tuple`` form)."""
+  def convert(x):
+    if hasattr(x, "_asdict"):
+      return {k: convert(v) for k, v in x._asdict().items() if k != "module_name"}
+    if isinstance(x, (list, tuple)):
+      return [convert(v) for v in x]
+    return x
+  return convert(event.to_named_tuple())
 
 
 def dp_flags_from_args(args: argparse.Namespace, *,
@@ -246,8 +307,9 @@ def dp_transform(dp: DPSettings, seed: int) -> optax.GradientTransformation:
 def dp_clipped_grad(per_example_loss: Callable[..., Any], dp: DPSettings) -> Callable:
   """``clipped_grad(per_example_loss, max_norm=C, method, has_aux=True, return_norms=True)``.
 
-  ``per_example_loss(params, *batch)`` returns ``(losses [B], aux)``; multiply the loss
-  of an example that only fills a batch by 0, so it contributes nothing. The result is
+  ``per_example_loss(params, *batch)`` returns ``(losses [B], aux)``. The result takes
+  ``(params, *batch, mask=m)`` (``m`` bool ``[B]``, False for a row that only pads the
+  batch: it contributes exactly zero and its norm is 0) and returns
   ``(clipped sum, norms [B], aux)``.
   """
   return gradclip_jax.clipped_grad(per_example_loss, max_norm=dp.max_norm, method=dp.method,

@@ -1,10 +1,12 @@
-"""What a run reports: ``metrics.jsonl``, the progress bar, and lines on stdout.
+"""What a run reports: ``metrics.jsonl`` (typed :class:`Record` lines), the progress
+bar, and lines on stdout.
 
 Only process 0 of a multi-host run writes or prints (:func:`is_primary`); the others
 compute the same records and keep them in memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,7 +16,8 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-__all__ = ["jsonable", "MetricsWriter", "progress_bar", "is_primary", "report"]
+__all__ = ["jsonable", "MetricsWriter", "progress_bar", "is_primary", "report", "Record",
+           "optional", "flattened"]
 
 
 def is_primary() -> bool:
@@ -30,6 +33,8 @@ def report(*parts: Any) -> None:
 
 def jsonable(x: Any) -> Any:
   """``x`` with arrays and NumPy scalars turned into Python numbers and lists."""
+  if isinstance(x, Record):
+    return x.as_dict()
   if isinstance(x, Mapping):
     return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -87,3 +92,33 @@ def progress_bar(total: int | None, desc: str = "", *, disable: bool = False,
 
   return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
               disable=disable or not sys.stderr.isatty() or not is_primary(), leave=False)
+
+
+def optional(**kwargs) -> Any:
+  """A :class:`Record` field left out of the record while it is ``None``."""
+  return dataclasses.field(default=None, metadata={"omit_if_none": True}, **kwargs)
+
+
+def flattened(**kwargs) -> Any:
+  """A :class:`Record` field whose own fields (a record or a mapping) are merged into the
+  record; left out while ``None``."""
+  return dataclasses.field(default=None, metadata={"flatten": True}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A typed line of ``metrics.jsonl``: subclass with the fields; :meth:`as_dict` gives
+  the JSON object (fields in order; :func:`optional` ones dropped while ``None``,
+  :func:`flattened` ones merged)."""
+
+  def as_dict(self) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if v is None and (f.metadata.get("omit_if_none") or f.metadata.get("flatten")):
+        continue
+      if f.metadata.get("flatten"):
+        out.update(v.as_dict() if isinstance(v, Record) else dict(v))
+      else:
+        out[f.name] = v
+    return jsonable(out)

@@ -56,10 +56,11 @@ def gradient_update(tx: optax.GradientTransformation, params: Any, opt_state: An
     dp: DP-SGD settings, or ``None``.
     batch_loss: ``params -> (loss, aux)``, differentiated without ``dp``.
     per_example_loss: ``(params, *inputs) -> (losses [B], aux)``, whose per-example
-      gradients are clipped and summed with ``dp`` (an example of weight 0 must have
-      loss 0).
+      gradients are clipped and summed with ``dp``.
     inputs: the batch, as ``per_example_loss`` takes it.
-    weights: ``[B]``, 0 for an example that only fills the batch.
+    weights: ``[B]``, 0 for an example that only fills the batch: with ``dp`` it is
+      masked out of the clipped sum (``clipped_grad``'s ``mask=``) and of the norm
+      statistics; the losses should carry the weight too, for the metrics.
 
   Returns:
     ``(new_params, new_opt_state, aux, stats)``: ``aux`` of the loss used, and ``stats``
@@ -73,7 +74,8 @@ def gradient_update(tx: optax.GradientTransformation, params: Any, opt_state: An
     clipped = clip_lib.clipped_this_step(opt_state, new_opt_state).astype(jnp.float32)
     stats = {"grad_norm": norm, "grad_norm_max": norm, "clipped": clipped}
   else:
-    grads, norms, aux = dp_lib.dp_clipped_grad(per_example_loss, dp)(params, *inputs)
+    grads, norms, aux = dp_lib.dp_clipped_grad(per_example_loss, dp)(
+        params, *inputs, mask=weights > 0)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     s = dp_lib.dp_example_stats(norms, weights, dp.max_norm)
     stats = {"grad_norm": s["norm_sum"], "grad_norm_max": s["norm_max"],

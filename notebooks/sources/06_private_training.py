@@ -14,8 +14,10 @@
 # that operation's inputs and output gradients, with one rule per primitive (matrix
 # products, embedding lookups, elementwise scales and biases, convolutions, also inside
 # scans). `add_noise` does step 2, and `gradclip_jax.dp.accounting` turns `σ`, the
-# sampling rate `q = B/N` and the number of steps into `(ε, δ)`. The trainer wires them
-# together: `gradclip classify --dp`. The [DP guide](../guides/dp.md) covers the API.
+# sampling rate `q = B/N` and the number of steps into `(ε, δ)`. That accounting holds for
+# Poisson sampling, where every review joins each step's batch independently with
+# probability `q`; the trainer, `gradclip classify --dp`, samples its batches exactly so
+# and wires the rest together. The [DP guide](../guides/dp.md) covers the API.
 #
 # This notebook
 #
@@ -25,7 +27,7 @@
 #    without privacy, for reference), showing accuracy and ε over the epochs,
 # 3. shows how ε grows with the number of epochs for a few noise multipliers.
 #
-# The full runs (40 epochs, a couple of minutes on a 2-core CPU each) are
+# The full runs (40 epochs, a few minutes each on a 2-core CPU) are
 # `gradclip classify --dataset imdb --config imdb_dp --data-dir ../shared/data/imdb
 # --workdir runs/imdb_dp_eps8 --dp --target-epsilon 8 --delta 1e-5` (and `3`). To stay
 # within a few minutes, this notebook trains for 15 epochs.
@@ -177,9 +179,12 @@ print(f"correlation of norm and loss: {np.corrcoef(norms, losses)[0, 1]:.2f}")
 # `RunOptions(clip="dp", dp=DPFlags(...))` below is what `--dp --target-epsilon E
 # --delta 1e-5` builds. The noise multiplier is derived
 # from the target over the planned run (epochs × steps per epoch), and every epoch's line
-# of `metrics.jsonl` records the ε spent so far. Accounting assumes Poisson sampling with
-# rate `q = B/N`; the trainer draws fixed-size shuffled batches, the customary
-# approximation.
+# of `metrics.jsonl` records the ε spent so far. The batches are Poisson-sampled, as the
+# accountant assumes: each review joins a step's batch independently with probability
+# `q = B/N`, so the batch size varies around `B`; a batch is padded to a fixed capacity
+# with masked rows (which change neither the gradient nor any metric), and a larger draw
+# runs whole, never truncated. Every epoch's record has the realized batch sizes, and
+# `results.json` the sampler and the accountant's event.
 
 # %%
 runs = {}
@@ -197,8 +202,13 @@ for name, dp in (("non-private", None),
     runs[name] = res
     if dp is not None:
         print(next(l for l in log.getvalue().splitlines() if l.startswith("DP-SGD")))
-    extra = (f", noise multiplier {res['records'][-1]['noise_multiplier']:.3f}, "
-             f"ε spent {res['records'][-1]['epsilon']:.2f}") if dp else ""
+    recs = res["records"]
+    extra = (f", noise multiplier {recs[-1]['noise_multiplier']:.3f}, ε spent "
+             f"{recs[-1]['epsilon']:.2f}; Poisson batch sizes "
+             f"{min(r['batch_size_min'] for r in recs)} to "
+             f"{max(r['batch_size_max'] for r in recs)} (mean "
+             f"{np.mean([r['batch_size_mean'] for r in recs]):.1f}, capacity "
+             f"{res['dp']['sampler']['capacity']})") if dp else ""
     print(f"==> {name}: test accuracy {res['test_acc']:.2%}{extra} "
           f"({time.time() - t0:.0f} s)\n")
 

@@ -22,7 +22,8 @@ Pipeline
      store a padded ``[N, max_len]`` matrix plus the true lengths.
   4. Batch with length bucketing (:func:`bucketed_batches`). Each batch is padded only up to
      its longest member, rounded up to ``pad_multiple`` (this bounds the number of distinct
-     shapes ``jit`` compiles), and carries a boolean ``mask``.
+     shapes ``jit`` compiles), and carries a boolean ``mask``. DP-SGD's Poisson-sampled
+     batches are padded to a fixed number of rows instead (:func:`padded_batch`).
 
 Everything random is driven by explicit seeds, so a split or epoch order is reproducible.
 """
@@ -490,3 +491,29 @@ def make_batch(split: Split, idx: np.ndarray, *, pad_multiple: int = 32,
   tokens = split.tokens[idx, :width]
   mask = np.arange(width)[None, :] < lengths[:, None]
   return {"tokens": tokens, "mask": mask, "labels": split.labels[idx], "weights": weights}
+
+
+def padded_batch(split: Split, idx: np.ndarray, rows: int, *,
+                 pad_multiple: int = 32) -> dict[str, np.ndarray]:
+  """The examples ``idx`` then ``rows - len(idx)`` filler rows: a batch of static size.
+
+  As :func:`make_batch` (width: the longest example rounded up to ``pad_multiple``), but
+  the filler rows are no data: one ``<unk>`` token, label 0, ``weights`` 0, so they
+  contribute exactly nothing to a weighted loss, its gradient or its metrics. For
+  DP-SGD's Poisson batches, whose size varies from step to step (``idx`` may be empty).
+  """
+  idx = np.asarray(idx, dtype=np.int64)
+  n = len(idx)
+  if n > rows:
+    raise ValueError(f"{n} examples do not fit in {rows} rows")
+  lengths = np.ones(rows, dtype=np.int32)
+  lengths[:n] = split.lengths[idx]
+  width = padded_length(int(lengths.max()), pad_multiple, split.tokens.shape[1])
+  tokens = np.full((rows, width), PAD_ID, dtype=np.int32)
+  tokens[:n] = split.tokens[idx, :width]
+  tokens[n:, 0] = UNK_ID
+  labels = np.zeros(rows, dtype=np.int32)
+  labels[:n] = split.labels[idx]
+  mask = np.arange(width)[None, :] < lengths[:, None]
+  weights = (np.arange(rows) < n).astype(np.float32)
+  return {"tokens": tokens, "mask": mask, "labels": labels, "weights": weights}

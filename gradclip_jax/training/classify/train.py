@@ -12,12 +12,16 @@ evaluated and tested are their exponential moving average, see ``ema_update``) a
 ``--set ensemble=K`` trains K models with seeds ``--seed`` to ``--seed + K - 1`` (each in
 ``member-k/``, laid out as above) and tests the mean of their probabilities.
 
-DP-SGD (``--dp``, privacy unit: one training example): the gradient is
-``gradclip_jax.clipped_grad`` of the per-example losses (each clipped to ``--dp-max-norm``,
-summed), and the optimizer is ``optax.chain(add_noise(sigma, C), scale(1 / B), adam | sgd)``;
-every line of metrics.jsonl adds ``epsilon, noise_multiplier, dp_max_norm, delta``, and
-``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example norm and the fraction
-of examples clipped. See ``training.dp.add_dp_arguments``.
+DP-SGD (``--dp``, privacy unit: one training example): every step's batch is
+Poisson-sampled (``training.sampling.PoissonSampler``: each example with probability
+``q = B / N``, an epoch ``N // B`` steps) and padded to the sampler's capacity with rows of
+weight 0; the gradient is ``gradclip_jax.clipped_grad`` of the per-example losses (each
+clipped to ``--dp-max-norm``, summed), and the optimizer is ``optax.chain(add_noise(sigma,
+C), scale(1 / B), adam | sgd)``; every line of metrics.jsonl adds ``epsilon,
+noise_multiplier, dp_max_norm, delta, dp_sampling, batch_size_min, batch_size_max,
+batch_size_mean``, ``grad_norm_mean`` / ``clip_fraction`` are then the mean per-example
+norm and the fraction of examples clipped, and ``results.json`` records the sampler and
+the accountant (``dp.sampler``, ``dp.accountant``). See ``training.dp.add_dp_arguments``.
 
 The Python entry point is :func:`train_and_evaluate` ``(config, workdir)`` with a
 ``configs.TrainConfig``; it resumes from the latest checkpoint in ``workdir`` when there
@@ -41,7 +45,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -54,12 +58,11 @@ from gradclip_jax.training import dp as dp_lib
 from gradclip_jax.training.classify import configs
 from gradclip_jax.training.classify import input_pipeline
 from gradclip_jax.training.classify import models
-from gradclip_jax.training.errors import Interrupted, UsageError
-from gradclip_jax.training.interrupt import catch_signals
-from gradclip_jax.training.metrics import MetricsWriter, is_primary, progress_bar, report
+from gradclip_jax.training.errors import UsageError
+from gradclip_jax.training.loop import Task, TrainLoop, per_second
+from gradclip_jax.training.metrics import Record, flattened, is_primary, report
+from gradclip_jax.training.sampling import PoissonSampler
 from gradclip_jax.training.state import TrainState, distinct_buffers
-
-_METRIC_FLUSH_EVERY = 20  # Steps between host syncs of the per-step metrics.
 
 
 # -----------------------------------------------------------------------------------------
@@ -315,9 +318,156 @@ def evaluate(eval_step, params, split: input_pipeline.Split, cfg: configs.Classi
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
-def _new_accumulators() -> dict[str, float]:
-  return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "grad_norm_sum": 0.0,
-          "clipped": 0.0, "steps": 0.0, "seconds": 0.0}
+@dataclasses.dataclass
+class Totals:
+  """An epoch's training metrics, summed on the host from the steps' outputs."""
+
+  loss_sum: float = 0.0
+  correct: float = 0.0
+  count: float = 0.0
+  grad_norm_sum: float = 0.0
+  clipped: float = 0.0
+  steps: int = 0
+
+  def add(self, m: Mapping[str, Any]) -> None:
+    self.loss_sum += float(m["loss_sum"])
+    self.correct += float(m["correct"])
+    self.count += float(m["count"])
+    self.grad_norm_sum += float(m["grad_norm"])
+    self.clipped += float(m["clipped"])
+    self.steps += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRecord(Record):
+  """A line of metrics.jsonl per epoch: ``eval_acc`` is ``None`` without a validation
+  split (or in the record of an epoch that ``--max-steps`` cut); ``grad_norm_mean`` and
+  ``clip_fraction`` are per step, with DP-SGD per example; the DP fields only with DP."""
+
+  epoch: int
+  step: int
+  train_loss: float
+  train_acc: float
+  eval_acc: float | None
+  grad_norm_mean: float
+  clip_fraction: float
+  examples_per_s: float | None
+  dp: dp_lib.DPRecord | None = flattened()
+
+
+class _Task(Task):
+  """The classification epochs for :class:`~gradclip_jax.training.loop.TrainLoop`:
+  length-bucketed batches (with DP-SGD the padded Poisson batches of ``sampler``),
+  per-step metrics summed on the host every few steps, the parameters with the best
+  ``eval_acc`` kept (in the checkpoint too)."""
+
+  def __init__(self, config: configs.TrainConfig, data, train_step, eval_step,
+               dp: dp_lib.DPSettings | None, sampler: PoissonSampler | None, mesh, state):
+    self.config, self.cfg, self.data, self.dp, self.mesh = (config, config.hparams, data,
+                                                           dp, mesh)
+    self.sampler = sampler
+    self.steps_per_epoch = len(data.train) // config.hparams.batch_size
+    self.step_fn, self.eval_step = train_step, eval_step
+    self.eval_key = "ema_params" if self.cfg.ema_decay > 0 else "params"  # evaluated/tested
+    self.best_params = _copy(getattr(state, self.eval_key))  # replaced by a checkpoint's
+    self.best_eval_acc, self.best_epoch = None, None
+    self.totals, self.pending = Totals(), []
+    self.run_count = 0.0  # this call's examples
+    self.grad_trace: list[float] = []
+    self.clip_trace: list[bool] = []
+
+  def begin_epoch(self, state, epoch):
+    self.totals = Totals()
+    if self.sampler is not None:
+      self.sampler.begin_epoch()
+    return state
+
+  def batches(self, epoch, start):
+    cfg, train = self.cfg, self.data.train
+    if self.sampler is None:
+      for idx in input_pipeline.bucketed_batches(
+          train.lengths, cfg.batch_size, seed=self.config.run.seed, epoch=epoch,
+          chunk_batches=cfg.bucket_chunk_batches)[start:]:
+        batch = input_pipeline.make_batch(train, idx, pad_multiple=cfg.pad_multiple)
+        yield mesh_lib.shard_batch(batch, self.mesh)
+      return
+    for step in range(epoch * self.steps_per_epoch + start,
+                      (epoch + 1) * self.steps_per_epoch):
+      idx, rows = self.sampler.draw(step)
+      batch = input_pipeline.padded_batch(train, idx, rows, pad_multiple=cfg.pad_multiple)
+      yield mesh_lib.shard_batch(batch, self.mesh)
+
+  def train_step(self, state, batch):
+    state, m = self.step_fn(state, batch)
+    self.pending.append(m)
+    return state
+
+  def sync(self, state):
+    for m in mesh_lib.to_host(self.pending):
+      self.totals.add(m)
+      count = float(m["count"])
+      self.run_count += count
+      if self.dp is None:
+        self.grad_trace.append(float(m["grad_norm"]))
+        self.clip_trace.append(bool(m["clipped"]))
+      else:  # The mean per-example norm; some example clipped.
+        self.grad_trace.append(float(m["grad_norm"]) / max(count, 1.0))
+        self.clip_trace.append(bool(m["clipped"] > 0))
+    self.pending.clear()
+
+  def postfix(self, steps_done, seconds):
+    t = self.totals
+    return {"loss": f"{t.loss_sum / t.count:.3f}", "acc": f"{t.correct / t.count:.3f}"} \
+        if t.count else {}
+
+  def _record(self, epoch, eval_acc, seconds, step) -> EpochRecord:
+    t = self.totals
+    n, steps_done = max(t.count, 1.0), max(t.steps, 1)
+    per = steps_done if self.dp is None else n  # DP: per example, else per step.
+    return EpochRecord(
+        epoch=epoch, step=step, train_loss=t.loss_sum / n, train_acc=t.correct / n,
+        eval_acc=eval_acc, grad_norm_mean=t.grad_norm_sum / per,
+        clip_fraction=t.clipped / per, examples_per_s=per_second(t.count, seconds),
+        dp=None if self.dp is None else self.dp.record(step, self.sampler.record()))
+
+  def epoch_record(self, state, epoch, seconds, step):
+    params = getattr(state, self.eval_key)
+    eval_acc = evaluate(self.eval_step, params, self.data.valid, self.cfg,
+                        self.mesh)["acc"] if len(self.data.valid) else None
+    r = self._record(epoch, eval_acc, seconds, step)
+    # Select on eval_acc; without a validation split, the last epoch.
+    if eval_acc is None or self.best_eval_acc is None or eval_acc > self.best_eval_acc:
+      self.best_eval_acc, self.best_epoch = eval_acc, epoch
+      self.best_params = _copy(params)
+    shown = "none (no validation split)" if eval_acc is None else f"{eval_acc:.4f}"
+    eps = (f" epsilon {r.dp.epsilon:.3f} batch size {r.dp.batch_size_min}-"
+           f"{r.dp.batch_size_max} (mean {r.dp.batch_size_mean:.1f})" if r.dp else "")
+    rate = f"{r.examples_per_s:.0f}" if r.examples_per_s is not None else "-"
+    report(f"epoch {epoch}: train_loss {r.train_loss:.4f} train_acc {r.train_acc:.4f} "
+           f"eval_acc {shown} grad_norm {r.grad_norm_mean:.3f} clip "
+           f"{r.clip_fraction:.3f} {rate} ex/s{eps}")
+    return r
+
+  def partial_record(self, state, epoch, steps_done, seconds, step):
+    return self._record(epoch, None, seconds, step)
+
+  def host_state(self):
+    return {"totals": dataclasses.asdict(self.totals), "best_eval_acc": self.best_eval_acc,
+            "best_epoch": self.best_epoch,
+            "sampler": None if self.sampler is None else self.sampler.state_dict()}
+
+  def load_host_state(self, saved):
+    self.totals = Totals(**saved["totals"])
+    self.best_eval_acc, self.best_epoch = saved["best_eval_acc"], saved["best_epoch"]
+    if self.sampler is not None:
+      self.sampler.load_state_dict(saved["sampler"])
+
+  def checkpoint_tree(self, state):
+    return {"train": state, "best_params": self.best_params}
+
+  def from_checkpoint_tree(self, tree):
+    self.best_params = tree["best_params"]
+    return tree["train"]
 
 
 def load_data(config: configs.TrainConfig, workdir: pathlib.Path) -> input_pipeline.ClassificationData:
@@ -340,7 +490,8 @@ def train_and_evaluate(config: configs.TrainConfig,
   Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
   ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
   after the current step with a checkpoint and raise
-  :class:`~gradclip_jax.training.errors.Interrupted`.
+  :class:`~gradclip_jax.training.errors.Interrupted`. The loop is
+  :class:`~gradclip_jax.training.loop.TrainLoop`'s.
 
   Returns a dict with what ``results.json`` holds (``test_acc``, ``selected_epoch`` --
   ``None`` if no epoch finished, then the final parameters are tested --,
@@ -369,153 +520,53 @@ def train_and_evaluate(config: configs.TrainConfig,
 
   steps_per_epoch = len(data.train) // cfg.batch_size
   planned_steps = steps_per_epoch * config.max_epochs
-  total_steps = planned_steps if run.max_steps is None else min(planned_steps, run.max_steps)
-
-  mesh = mesh_lib.make_mesh(mesh_lib.num_data_devices(cfg.batch_size, run.num_devices))
+  num_devices = mesh_lib.num_data_devices(cfg.batch_size, run.num_devices)
+  mesh = mesh_lib.make_mesh(num_devices)
   if mesh is not None and cfg.eval_batch_size % mesh.size:
     raise UsageError(f"eval_batch_size {cfg.eval_batch_size} is not divisible by the "
                      f"{mesh.size} data-parallel devices")
+  sampler = None if run.dp is None else PoissonSampler(
+      len(data.train), cfg.batch_size, run.seed, multiple=num_devices)
   model = make_model(cfg, len(data.vocab), data.num_classes)
   clip, dp = steps.clip_or_dp(run, cfg.max_grad_norm, batch_size=cfg.batch_size,
                               dataset_size=len(data.train), planned_steps=planned_steps)
   tx = make_optimizer(cfg, clip, planned_steps)
   state = mesh_lib.replicate(init_state(model, tx, cfg, run.seed), mesh)
-  eval_key = "ema_params" if cfg.ema_decay > 0 else "params"  # What is evaluated/tested.
-  best_params = _copy(getattr(state, eval_key))
+  eval_step = make_eval_step(model)
+  task = _Task(config, data, make_train_step(model, tx, dp, cfg.ema_decay), eval_step, dp,
+               sampler, mesh, state)
+  if sampler is not None:
+    report(f"Poisson batches of {cfg.batch_size} expected, padded to {sampler.capacity} "
+           "rows (more in the rare steps that draw more)")
 
   described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
-  ckpt = checkpoints.Checkpointer(workdir)
-  meta = {"acc": _new_accumulators(), "records": [], "best_eval_acc": None,
-          "best_epoch": None, "config": described}
-  latest = ckpt.restore_meta()
-  if latest is not None:
-    checkpoints.check_resume_config(latest[1].get("config"), described)
-    tree, meta = ckpt.restore({"train": state, "best_params": best_params})
-    state, best_params = tree["train"], tree["best_params"]
-    report(f"resumed from step {int(state.step)}")
-  metrics_writer = MetricsWriter(workdir, meta["records"])
-
-  train_step = make_train_step(model, tx, dp, cfg.ema_decay)
-  eval_step = make_eval_step(model)
-  step = int(state.step)
-  acc = meta["acc"]
-  run_count = run_seconds = 0.0  # this call's examples and seconds
-  grad_trace: list[float] = []
-  clip_trace: list[bool] = []
-  bar = progress_bar(total_steps, f"classify {config.dataset}", initial=step,
-                     disable=not run.progress)
-
-  def save():
-    meta["acc"] = acc
-    ckpt.save(step, {"train": state, "best_params": best_params}, meta)
-
-  def flush(pending):
-    nonlocal run_count
-    for m in mesh_lib.to_host(pending):
-      acc["loss_sum"] += float(m["loss_sum"])
-      acc["correct"] += float(m["correct"])
-      acc["count"] += float(m["count"])
-      acc["grad_norm_sum"] += float(m["grad_norm"])
-      acc["clipped"] += float(m["clipped"])
-      acc["steps"] += 1
-      run_count += float(m["count"])
-      if dp is None:
-        grad_trace.append(float(m["grad_norm"]))
-        clip_trace.append(bool(m["clipped"]))
-      else:  # The mean per-example norm; some example clipped.
-        grad_trace.append(float(m["grad_norm"]) / max(float(m["count"]), 1.0))
-        clip_trace.append(bool(m["clipped"] > 0))
-    pending.clear()
-    if acc["count"]:
-      bar.set_postfix(loss=f"{acc['loss_sum'] / acc['count']:.3f}",
-                      acc=f"{acc['correct'] / acc['count']:.3f}")
-
-  def epoch_record(epoch: int, eval_acc: float | None) -> dict:
-    n, steps_done = max(acc["count"], 1.0), max(acc["steps"], 1.0)
-    per = steps_done if dp is None else n  # DP: per example, else per step.
-    record = {"epoch": epoch, "step": step, "train_loss": acc["loss_sum"] / n,
-              "train_acc": acc["correct"] / n, "eval_acc": eval_acc,
-              "grad_norm_mean": acc["grad_norm_sum"] / per,
-              "clip_fraction": acc["clipped"] / per,
-              "examples_per_s": acc["count"] / acc["seconds"] if acc["seconds"] > 0
-              else None}
-    if dp is not None:
-      record.update(dp.record(step))
-    return record
-
-  log_step = steps.StepLog()
-  with catch_signals(enabled=jax.process_count() == 1) as stop:
-    while step < total_steps:
-      epoch, pos = divmod(step, steps_per_epoch)
-      batches = input_pipeline.bucketed_batches(
-          data.train.lengths, cfg.batch_size, seed=run.seed, epoch=epoch,
-          chunk_batches=cfg.bucket_chunk_batches)
-      t0, pending = time.perf_counter(), []
-      for idx in batches[pos:]:
-        batch = input_pipeline.make_batch(data.train, idx, pad_multiple=cfg.pad_multiple)
-        state, m = train_step(state, mesh_lib.shard_batch(batch, mesh))
-        pending.append(m)
-        step += 1
-        log_step(bar, step, state.step, t0)
-        if len(pending) >= _METRIC_FLUSH_EVERY:
-          flush(pending)
-        if step >= total_steps or stop or (run.checkpoint_every
-                                           and step % run.checkpoint_every == 0):
-          break
-      flush(pending)
-      seconds = time.perf_counter() - t0
-      acc["seconds"] += seconds
-      run_seconds += seconds
-      if step % steps_per_epoch == 0:  # End of an epoch.
-        eval_acc = evaluate(eval_step, getattr(state, eval_key), data.valid, cfg,
-                            mesh)["acc"] if len(data.valid) else None
-        record = epoch_record(epoch + 1, eval_acc)
-        metrics_writer.write(record)
-        meta["records"] = metrics_writer.records
-        # Select on eval_acc; without a validation split, the last epoch.
-        if eval_acc is None or meta["best_eval_acc"] is None \
-            or eval_acc > meta["best_eval_acc"]:
-          meta["best_eval_acc"], meta["best_epoch"] = eval_acc, epoch + 1
-          best_params = _copy(getattr(state, eval_key))
-        eps = f" epsilon {record['epsilon']:.3f}" if dp is not None else ""
-        shown = "none (no validation split)" if eval_acc is None else f"{eval_acc:.4f}"
-        if is_primary():
-          bar.write(f"epoch {epoch + 1}: train_loss {record['train_loss']:.4f} train_acc "
-                    f"{record['train_acc']:.4f} eval_acc {shown} grad_norm "
-                    f"{record['grad_norm_mean']:.3f} clip {record['clip_fraction']:.3f} "
-                    f"{record['examples_per_s']:.0f} ex/s{eps}")
-        acc = _new_accumulators()
-      elif step >= total_steps:  # Stopped inside an epoch: report it, keep it resumable.
-        metrics_writer.write({**epoch_record(epoch + 1, None), "partial": True},
-                             keep=False)
-      save()
-      if stop and step < total_steps:
-        bar.close()
-        ckpt.close()
-        raise Interrupted(stop.signum, step, workdir)
-  bar.close()
-  ckpt.close()
+  loop = TrainLoop(workdir, described, run, steps_per_epoch=steps_per_epoch,
+                   max_epochs=config.max_epochs)
+  try:
+    state = loop.restore(task, state)
+    state = loop.run(task, state)
+  finally:
+    loop.close()
 
   # Test the parameters with the best eval_acc (the final ones if no epoch finished).
-  selected = meta["best_epoch"]
-  test_params = best_params if selected else getattr(state, eval_key)
-  test = evaluate(eval_step, test_params, data.test, cfg, mesh)
-  records = metrics_writer.records
-  hparams = dataclasses.replace(cfg, max_epochs=config.max_epochs)
+  test = evaluate(eval_step, task.best_params if task.best_epoch else
+                  getattr(state, task.eval_key), data.test, cfg, mesh)
   result = {"dataset": config.dataset, "clip": run.clip, "clip_value": run.clip_value,
-            "seed": run.seed, "steps": step, "steps_per_epoch": steps_per_epoch,
-            "test_acc": test["acc"], "test_loss": test["loss"], "selected_epoch": selected,
-            "best_eval_acc": meta["best_eval_acc"], "load_seconds": load_seconds,
-            "examples_per_s": run_count / run_seconds if run_seconds > 0 else None,
-            "config": dataclasses.asdict(hparams)}
+            "seed": run.seed, "steps": loop.step, "steps_per_epoch": steps_per_epoch,
+            "test_acc": test["acc"], "test_loss": test["loss"],
+            "selected_epoch": task.best_epoch, "best_eval_acc": task.best_eval_acc,
+            "load_seconds": load_seconds,
+            "examples_per_s": per_second(task.run_count, loop.run_seconds),
+            "config": dataclasses.asdict(dataclasses.replace(cfg,
+                                                             max_epochs=config.max_epochs))}
   if dp is not None:
-    result["dp"] = {**dataclasses.asdict(dp), **dp.record(step)}
+    result["dp"] = dp.results(loop.step, sampler)
   if is_primary():
     (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     np.savez(workdir / "predictions.npz", test_probs=test["probs"],
              test_labels=data.test.labels)
-  return {**result, "records": records, "grad_norm_trace": grad_trace,
-          "clipped_trace": clip_trace, "test_probs": test["probs"],
+  return {**result, "records": loop.records, "grad_norm_trace": task.grad_trace,
+          "clipped_trace": task.clip_trace, "test_probs": test["probs"],
           "test_labels": data.test.labels}
 
 

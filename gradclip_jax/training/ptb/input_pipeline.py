@@ -113,6 +113,23 @@ def batchify(ids: np.ndarray, batch_size: int, num_steps: int) -> tuple[np.ndarr
   return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
+def windows(ids: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """The stream cut into disjoint windows of ``num_steps + 1`` tokens (DP-SGD's examples).
+
+  Returns ``(inputs, targets)``, each ``[N, num_steps]`` int32 with
+  ``N = len(ids) // (num_steps + 1)``: window ``i`` is
+  ``ids[i * (num_steps + 1) : (i + 1) * (num_steps + 1)]``, its inputs all but the last
+  token and its targets all but the first. Every token belongs to one window (the
+  remainder, fewer than ``num_steps + 1`` tokens, to none).
+  """
+  size = num_steps + 1
+  n = len(ids) // size
+  if n <= 0:
+    raise ValueError(f"{len(ids)} tokens are too few for windows of {size} tokens")
+  w = np.asarray(ids[:n * size], np.int32).reshape(n, size)
+  return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+
+
 def iterate(ids: np.ndarray, batch_size: int, num_steps: int,
             start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields the ``(inputs, targets)`` windows of one epoch, from window ``start`` on."""

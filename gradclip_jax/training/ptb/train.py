@@ -16,30 +16,39 @@ The Python entry point is :func:`train_and_evaluate` ``(config, workdir)`` with 
 ``configs.TrainConfig``; it resumes from the latest checkpoint in ``workdir`` when there
 is one (the command line asks for ``--resume`` then).
 
-DP-SGD (``--dp``; see ``training.dp.add_dp_arguments``): the privacy unit is one sequence
-window, i.e. one row of a batch (``num_steps`` inputs and their ``num_steps`` targets, so
-``num_steps + 1`` tokens; neighbouring windows share one token).
-So that a window's gradient depends on that window alone, every window starts from the
-zero LSTM state (no state carried across windows) and the windows of an epoch are
-shuffled (seeded by ``--seed`` and the epoch) before they are cut into batches. Each
-window's loss is its cross-entropy summed over time (the tutorial's cost is their batch
-mean); the sum of the per-window gradients clipped to ``--dp-max-norm`` gets the noise
-and is divided by ``batch_size``, then SGD as usual. The per-example norms come from
+DP-SGD (``--dp``; see ``training.dp.add_dp_arguments``): the privacy unit is one window
+of ``num_steps + 1`` consecutive tokens (``num_steps`` inputs and their ``num_steps``
+targets). The training stream is cut into disjoint windows
+(``input_pipeline.windows``), so every token belongs to exactly one of them: the
+guarantee covers any span of text inside one window, and a span that touches ``k``
+windows (a sentence across a window boundary) gets the group-privacy bound of ``k``
+units. So that a window's gradient depends on that window alone, every window starts from
+the zero LSTM state (no state carried across windows). Each step's windows are
+Poisson-sampled (``training.sampling.PoissonSampler``: each window with probability
+``batch_size / N`` for ``N`` windows; an epoch is ``N // batch_size`` steps) and padded
+to the sampler's capacity with windows of weight 0. Each window's loss is its
+cross-entropy summed over time (the tutorial's cost is their batch mean); the sum of the
+per-window gradients clipped to ``--dp-max-norm`` gets the noise and is divided by
+``batch_size`` (the expected batch size), then SGD as usual. The per-example norms come from
 ``clipped_grad(method="vmap")`` by default: this model reads its embedding and softmax
 weights directly and runs its LSTM layers time-major, so no ghost rule covers it (and the
 layer-local rule would take the time axis for the batch axis when ``num_steps`` equals
 ``batch_size``, as in the small config). With ``vmap`` every window of a step sees the
 same dropout mask (``keep_prob < 1``: medium, large), since each is run as a batch of one
 with the step's key.
-Records add ``epsilon, noise_multiplier, dp_max_norm, delta``; ``grad_norm_*`` and
-``clip_fraction`` then describe the per-window gradients.
+Records add ``step, epsilon, noise_multiplier, dp_max_norm, delta, dp_sampling,
+batch_size_min, batch_size_max, batch_size_mean``; ``grad_norm_*`` and ``clip_fraction``
+then describe the per-window gradients, ``train_ppl`` and ``wps`` the sampled windows.
+A finished run writes ``results.json`` (test perplexity; with DP-SGD the sampler and the
+accountant).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import pathlib
-import time
 from typing import Any
 
 import flax.struct
@@ -51,10 +60,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gradclip_jax.training import checkpoints, flags, mesh as mesh_lib, steps
 from gradclip_jax.training import dp as dp_lib
-from gradclip_jax.training.errors import Interrupted, UsageError
-from gradclip_jax.training.interrupt import catch_signals
-from gradclip_jax.training.metrics import MetricsWriter, progress_bar, report
+from gradclip_jax.training.errors import UsageError
+from gradclip_jax.training.loop import Task, TrainLoop
+from gradclip_jax.training.metrics import (Record, flattened, is_primary, jsonable,
+                                           optional, report)
 from gradclip_jax.training.ptb import configs, input_pipeline, models
+from gradclip_jax.training.sampling import PoissonSampler
 from gradclip_jax.training.state import TrainState, distinct_buffers
 
 # Window length used to evaluate the test set with batch size 1; since the LSTM state is
@@ -143,7 +154,8 @@ def zero_accumulators() -> dict[str, jax.Array]:
   return {"cost": jnp.zeros((), jnp.float32), "words": jnp.zeros((), jnp.float32),
           "grad_norm_sum": jnp.zeros((), jnp.float32),
           "grad_norm_max": jnp.zeros((), jnp.float32),
-          "clipped": jnp.zeros((), jnp.int32), "steps": jnp.zeros((), jnp.int32)}
+          "clipped": jnp.zeros((), jnp.int32), "steps": jnp.zeros((), jnp.int32),
+          "examples": jnp.zeros((), jnp.float32)}
 
 
 def init_state(model: models.PTBModel, tx: optax.GradientTransformation,
@@ -173,19 +185,21 @@ def place_state(state: PTBState, mesh) -> PTBState:
 
 
 def per_window_loss_fn(model: models.PTBModel, key: jax.Array):
-  """``(params, x [B, T], y [B, T]) -> (losses [B], losses)``: DP-SGD's per-window loss.
+  """``(params, x [B, T], y [B, T], w [B]) -> (losses [B], losses)``: DP-SGD's per-window
+  loss.
 
   Every window starts from the zero state; its loss is the cross-entropy summed over
-  its ``T`` targets (their batch mean is the tutorial's cost).
+  its ``T`` targets (their batch mean is the tutorial's cost), times its weight ``w``
+  (0 for a row that only pads the batch: its loss and gradient are then exactly 0).
   """
 
-  def loss_fn(p, x, y):
+  def loss_fn(p, x, y, w):
     # Plain zeros rather than model.initial_carry, which would be a module call that
     # clipped_grad's method interception sees.
     zeros = jnp.zeros((x.shape[0], model.hidden_size), jnp.float32)
     carry = tuple((zeros, zeros) for _ in range(model.num_layers))
     _, logits = model.apply({"params": p}, carry, x, train=True, rngs={"dropout": key})
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y.T).sum(axis=0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y.T).sum(axis=0) * w
     return losses, losses
 
   return loss_fn
@@ -196,13 +210,14 @@ def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
                     dp: dp_lib.DPSettings | None = None):
   """The jitted train step ``state, x, y -> state`` (state donated).
 
-  With ``dp``: DP-SGD on per-window losses (``per_window_loss_fn``), ``tx`` starting with
-  ``dp.dp_transform``; the carry stays zero, and the accumulators ``grad_norm_sum`` /
-  ``grad_norm_max`` / ``clipped`` hold the per-window norms' sum and max and the number of
-  windows clipped.
+  With ``dp``: ``state, x, y, w -> state``, DP-SGD on the per-window losses
+  (``per_window_loss_fn``) of a padded Poisson batch whose rows of weight ``w = 0`` only
+  pad it; ``tx`` starts with ``dp.dp_transform``; the carry stays zero, the accumulators
+  ``cost`` / ``words`` / ``examples`` count the real windows only, and ``grad_norm_sum`` /
+  ``grad_norm_max`` / ``clipped`` hold their norms' sum and max and the number clipped.
   """
 
-  def train_step(state: PTBState, x, y) -> PTBState:
+  def train_step(state: PTBState, x, y, w=None) -> PTBState:
     key = state.step_key()
 
     def batch_loss(p):
@@ -211,28 +226,30 @@ def make_train_step(model: models.PTBModel, tx: optax.GradientTransformation,
       cost = models.sequence_cost(logits, y)
       return cost, (cost, carry)
 
+    w = jnp.ones(x.shape[0]) if w is None else w
     params, opt_state, aux, stats = steps.gradient_update(
         tx, state.params, state.opt_state, dp=dp, batch_loss=batch_loss,
-        per_example_loss=per_window_loss_fn(model, key), inputs=(x, y),
-        weights=jnp.ones(x.shape[0]))
-    if dp is None:
-      cost, carry = aux
-    else:  # Every window started from the zero state, which stays.
-      cost, carry = jnp.sum(aux) / x.shape[0], state.carry
+        per_example_loss=per_window_loss_fn(model, key), inputs=(x, y, w), weights=w)
+    count = jnp.sum(w)
+    if dp is None:  # the batch-mean cost, per step
+      (cost, carry), words = aux, y.shape[1]
+    else:  # summed over the real windows, which all started (and stay) at zero
+      cost, carry, words = jnp.sum(aux), state.carry, count * y.shape[1]
     acc = state.acc
     acc = {"cost": acc["cost"] + cost,
-           "words": acc["words"] + y.shape[1],
+           "words": acc["words"] + words,
            "grad_norm_sum": acc["grad_norm_sum"] + stats["grad_norm"],
            "grad_norm_max": jnp.maximum(acc["grad_norm_max"], stats["grad_norm_max"]),
            "clipped": acc["clipped"] + stats["clipped"].astype(jnp.int32),
-           "steps": acc["steps"] + 1}
+           "steps": acc["steps"] + 1, "examples": acc["examples"] + count}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          carry=carry, acc=acc)
 
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0)
+  batch_args = 2 if dp is None else 3
   return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                 in_shardings=(state_sharding,) + (batch_sharding,) * batch_args,
                  out_shardings=state_sharding)
 
 
@@ -295,35 +312,111 @@ def _zeros_like(tree):
                       jax.tree.map(lambda a: a.sharding, tree))
 
 
-def _epoch_record(epoch: int, lr: float, acc: dict, wps: float,
-                  dp: dp_lib.DPSettings | None = None, global_step: int = 0
-                  ) -> dict[str, Any]:
-  acc = jax.device_get(acc)
-  steps_done = max(int(acc["steps"]), 1)
-  per = steps_done if dp is None else steps_done * dp.batch_size  # DP: per window
-  record = {"epoch": epoch, "lr": lr,
-            "train_ppl": math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
-            "wps": wps,
-            "grad_norm_mean": float(acc["grad_norm_sum"]) / per,
-            "grad_norm_max": float(acc["grad_norm_max"]),
-            "clip_fraction": int(acc["clipped"]) / per}
-  if dp is not None:
-    record["step"] = global_step
-    record.update(dp.record(global_step))
-  return record
+@dataclasses.dataclass(frozen=True)
+class EpochRecord(Record):
+  """A line of metrics.jsonl per epoch. ``grad_norm_*`` and ``clip_fraction`` are per step
+  (with DP-SGD per window); ``step`` and the DP fields only with DP-SGD; ``steps`` (the
+  steps done) only in the record of an epoch that ``--max-steps`` cut."""
+
+  epoch: int
+  lr: float
+  train_ppl: float
+  wps: float
+  grad_norm_mean: float
+  grad_norm_max: float
+  clip_fraction: float
+  valid_ppl: float | None = optional()
+  step: int | None = optional()
+  steps: int | None = optional()
+  dp: dp_lib.DPRecord | None = flattened()
 
 
-def dp_epoch_windows(xs: np.ndarray, ys: np.ndarray, seed: int, epoch: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """DP-SGD: the epoch's windows (rows of every batch) shuffled, then re-batched.
+@dataclasses.dataclass(frozen=True)
+class TestRecord(Record):
+  """The last line of a finished run."""
 
-  Seeded by ``seed`` and ``epoch`` (so ``--resume`` sees the same order); the shapes
-  ``[epoch_size, batch_size, num_steps]`` are kept.
-  """
-  e, b, t = xs.shape
-  perm = np.random.default_rng([seed, epoch, 0x50544244]).permutation(e * b)
-  shuffle = lambda a: np.ascontiguousarray(a.reshape(e * b, t)[perm].reshape(e, b, t))
-  return shuffle(xs), shuffle(ys)
+  epoch: int
+  test_ppl: float
+
+
+class _Task(Task):
+  """The PTB epochs for :class:`~gradclip_jax.training.loop.TrainLoop`: the windows of
+  ``xs, ys`` in order, or with DP-SGD the padded Poisson batches of ``sampler``; the LSTM
+  carry and the epoch's accumulators reset at every epoch start; the validation
+  perplexity in every record."""
+
+  def __init__(self, config: configs.TrainConfig, xs, ys, train_step, evaluate_valid,
+               dp: dp_lib.DPSettings | None, sampler: PoissonSampler | None,
+               steps_per_epoch: int, mesh):
+    self.config, self.xs, self.ys, self.dp, self.sampler = config, xs, ys, dp, sampler
+    self.step_fn, self.evaluate_valid = train_step, evaluate_valid
+    self.steps_per_epoch = steps_per_epoch
+    self.shard = lambda a: mesh_lib.shard_batch(a, mesh)
+    self.words_per_step = config.hparams.batch_size * config.hparams.num_steps
+
+  def begin_epoch(self, state, epoch):
+    if self.sampler is not None:
+      self.sampler.begin_epoch()
+    # The tutorial resets the LSTM state at the start of every epoch.
+    return state.replace(carry=_zeros_like(state.carry), acc=_zeros_like(state.acc))
+
+  def batches(self, epoch, start):
+    for i in range(start, self.steps_per_epoch):
+      if self.sampler is None:
+        yield self.shard(self.xs[i]), self.shard(self.ys[i])
+        continue
+      idx, rows = self.sampler.draw(epoch * self.steps_per_epoch + i)
+      x, y = (np.zeros((rows, a.shape[1]), a.dtype) for a in (self.xs, self.ys))
+      x[:len(idx)], y[:len(idx)] = self.xs[idx], self.ys[idx]
+      w = (np.arange(rows) < len(idx)).astype(np.float32)
+      yield self.shard(x), self.shard(y), self.shard(w)
+
+  def train_step(self, state, batch):
+    return self.step_fn(state, *batch)
+
+  def postfix(self, steps_done, seconds):
+    return {"wps": f"{steps_done * self.words_per_step / seconds:,.0f}" if seconds else "-"}
+
+  def _record(self, state, epoch, steps_done, seconds, step, **extra) -> EpochRecord:
+    acc = jax.device_get(state.acc)
+    steps_run = max(int(acc["steps"]), 1)
+    words = steps_done * self.words_per_step
+    if self.dp is None:
+      per, dp = steps_run, None
+    else:  # per sampled window
+      per, words = max(float(acc["examples"]), 1.0), float(acc["words"])
+      dp = self.dp.record(step, self.sampler.record())
+    return EpochRecord(
+        epoch=epoch, lr=self.config.hparams.lr_at(epoch - 1),
+        train_ppl=math.exp(float(acc["cost"]) / max(float(acc["words"]), 1.0)),
+        wps=words / seconds if seconds > 0 else 0.0,
+        grad_norm_mean=float(acc["grad_norm_sum"]) / per,
+        grad_norm_max=float(acc["grad_norm_max"]), clip_fraction=int(acc["clipped"]) / per,
+        valid_ppl=self.evaluate_valid(state.params),
+        step=None if self.dp is None else step, dp=dp, **extra)
+
+  def epoch_record(self, state, epoch, seconds, step):
+    r = self._record(state, epoch, self.steps_per_epoch, seconds, step)
+    report(f"Epoch {epoch}: lr {r.lr:.4g}  train ppl {r.train_ppl:.3f}  valid ppl "
+           f"{r.valid_ppl:.3f}  {r.wps:,.0f} wps  grad norm mean {r.grad_norm_mean:.3f} "
+           f"max {r.grad_norm_max:.3f}  clipped {r.clip_fraction:.1%}"
+           + (f"  epsilon {r.dp.epsilon:.3f}  batch size {r.dp.batch_size_min}-"
+              f"{r.dp.batch_size_max} (mean {r.dp.batch_size_mean:.1f})" if r.dp else ""))
+    return r
+
+  def partial_record(self, state, epoch, steps_done, seconds, step):
+    r = self._record(state, epoch, steps_done, seconds, step, steps=steps_done)
+    report(f"Stopped at --max-steps {self.config.run.max_steps} (epoch {epoch}, window "
+           f"{steps_done} of {self.steps_per_epoch}): train ppl {r.train_ppl:.2f}, valid "
+           f"ppl {r.valid_ppl:.2f}; no test perplexity (the run did not finish)")
+    return r
+
+  def host_state(self):
+    return {} if self.sampler is None else {"sampler": self.sampler.state_dict()}
+
+  def load_host_state(self, saved):
+    if self.sampler is not None:
+      self.sampler.load_state_dict(saved["sampler"])
 
 
 def load_data(config: configs.TrainConfig) -> input_pipeline.PTBData:
@@ -342,26 +435,35 @@ def train_and_evaluate(config: configs.TrainConfig,
   """Trains and tests the PTB model of ``config``; returns the metrics.jsonl records.
 
   Resumes from the latest checkpoint in ``workdir`` if there is one (refused, with a
-  ``UsageError``, if it was written with another config). SIGINT / SIGTERM stop the run
-  after the current step with a checkpoint and raise
-  :class:`~gradclip_jax.training.errors.Interrupted`.
+  ``UsageError``, if it was written with another config); a finished run returns its
+  records at once. SIGINT / SIGTERM stop the run after the current step with a
+  checkpoint and raise :class:`~gradclip_jax.training.errors.Interrupted`. The loop is
+  :class:`~gradclip_jax.training.loop.TrainLoop`'s. A finished run also writes
+  ``results.json``.
   """
+  run, hp, max_epochs = config.run, config.hparams, config.max_epochs
   workdir = pathlib.Path(workdir)
-  run, hp = config.run, config.hparams
-  max_epochs = config.max_epochs
   checkpoints.check_saved_config(workdir, config.describe())  # before reading the data
   data = load_data(config)
-  try:
-    xs, ys = input_pipeline.batchify(data.train, hp.batch_size, hp.num_steps)
+  try:  # the tutorial's rows of windows; with DP-SGD the disjoint windows to sample
+    xs, ys = (input_pipeline.batchify(data.train, hp.batch_size, hp.num_steps)
+              if run.dp is None else input_pipeline.windows(data.train, hp.num_steps))
   except ValueError as e:
     raise UsageError(f"--max-tokens {config.max_tokens}: {e}") from None
-  epoch_size = len(xs)
-
   num_devices = mesh_lib.num_data_devices(hp.batch_size, run.num_devices)
   mesh = mesh_lib.make_mesh(num_devices)
+  sampler = None
+  if run.dp is not None:
+    if len(xs) < hp.batch_size:
+      raise UsageError(f"--max-tokens {config.max_tokens}: {len(xs)} windows are fewer "
+                       f"than the batch size {hp.batch_size}")
+    sampler = PoissonSampler(len(xs), hp.batch_size, run.seed, multiple=num_devices)
+  epoch_size = len(xs) if sampler is None else sampler.steps_per_epoch
+
   model = build_model(hp, config.matmul_dtype)
   clip, dp = steps.clip_or_dp(run, hp.max_grad_norm, batch_size=hp.batch_size,
-                              dataset_size=epoch_size * hp.batch_size,
+                              dataset_size=epoch_size * hp.batch_size if sampler is None
+                              else sampler.dataset_size,
                               planned_steps=epoch_size * max_epochs)
   tx = build_optimizer(hp, clip, epoch_size)
   state = place_state(init_state(model, tx, hp, run.seed), mesh)
@@ -371,110 +473,47 @@ def train_and_evaluate(config: configs.TrainConfig,
     train_step = make_train_step(model, tx, state_shardings(state, mesh),
                                  NamedSharding(mesh, P(mesh_lib.DATA_AXIS)), dp=dp)
   eval_step = make_eval_step(model)
-  shard = lambda a: mesh_lib.shard_batch(a, mesh)
+  evaluate_valid = lambda params: evaluate(model, eval_step, params, data.valid,
+                                           hp.batch_size, hp.num_steps, mesh)
+  task = _Task(config, xs, ys, train_step, evaluate_valid, dp, sampler, epoch_size, mesh)
 
   described = {**config.describe(), "dp_settings": None if dp is None else dp.as_meta()}
-  ckpt = checkpoints.Checkpointer(workdir)
-  meta = {"epoch": 0, "pos": 0, "global_step": 0, "elapsed": 0.0, "records": []}
-  latest = ckpt.restore_meta()
-  if latest is not None:
-    checkpoints.check_resume_config(latest[1].get("config"), described)
-    state, meta = ckpt.restore(state)
-    report(f"resumed from step {meta['global_step']} (epoch {meta['epoch'] + 1}, window "
-           f"{meta['pos']})")
-  writer = MetricsWriter(workdir, meta["records"])
-  if meta.get("done"):
-    ckpt.close()
-    return writer.records
-
-  report(f"PTB {config.name}: {len(data.train):,} train tokens, {epoch_size} windows/epoch, "
-         f"{max_epochs} epochs, clip={run.clip}, {num_devices} device(s)")
-  epoch, pos, global_step = meta["epoch"], meta["pos"], meta["global_step"]
-  elapsed = meta["elapsed"]  # seconds spent in the current epoch before a resume
-
-  def save(done=False):
-    ckpt.save(global_step, state, {"epoch": epoch, "pos": pos, "global_step": global_step,
-                                   "elapsed": elapsed, "records": writer.records,
-                                   "done": done, "config": described})
-
-  stopped, log_step = False, steps.StepLog()
-  with catch_signals(enabled=jax.process_count() == 1) as stop:
-
-    def stop_if_asked():  # after a checkpoint at global_step
-      if stop:
-        ckpt.close()
-        raise Interrupted(stop.signum, global_step, workdir)
-
-    while epoch < max_epochs:
-      if run.max_steps is not None and global_step >= run.max_steps:
-        stopped = True
-        break
-      if pos == 0:  # the tutorial resets the LSTM state at the start of every epoch
-        state = state.replace(carry=_zeros_like(state.carry), acc=_zeros_like(state.acc))
-        elapsed = 0.0
-      lr = hp.lr_at(epoch)
-      ex, ey = (xs, ys) if dp is None else dp_epoch_windows(xs, ys, run.seed, epoch)
-      bar = progress_bar(epoch_size, f"epoch {epoch + 1}/{max_epochs}", initial=pos,
-                         disable=not run.progress)
-      t0 = time.perf_counter()
-      words_per_step = hp.batch_size * hp.num_steps
-      while pos < epoch_size:
-        if run.max_steps is not None and global_step >= run.max_steps:
-          stopped = True
-          break
-        state = train_step(state, shard(ex[pos]), shard(ey[pos]))
-        pos += 1
-        global_step += 1
-        log_step(bar, global_step, state.step, t0)
-        if pos % 20 == 0 or pos == epoch_size:
-          jax.block_until_ready(state.step)
-          dt = elapsed + time.perf_counter() - t0
-          bar.set_postfix(wps=f"{pos * words_per_step / dt:,.0f}" if dt else "-",
-                          refresh=False)
-        if pos < epoch_size and (stop or (run.checkpoint_every
-                                          and global_step % run.checkpoint_every == 0)):
-          jax.block_until_ready(state)
-          elapsed += time.perf_counter() - t0
-          t0 = time.perf_counter()
-          save()
-          stop_if_asked()
-      jax.block_until_ready(state)
-      elapsed += time.perf_counter() - t0
-      bar.close()
-      wps = pos * words_per_step / elapsed if elapsed > 0 else 0.0
-      record = _epoch_record(epoch + 1, lr, state.acc, wps, dp, global_step)
-      if stopped and pos < epoch_size:
-        save()  # mid-epoch stop: resumable; the partial record is not kept on resume
-        record["partial"] = True
-        record["steps"] = pos
-        record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
-                                       hp.batch_size, hp.num_steps, mesh)
-        writer.write(record, keep=False)  # not part of the resumable history
-        report(f"Stopped at --max-steps {run.max_steps} (epoch {epoch + 1}, window {pos} "
-               f"of {epoch_size}): train ppl {record['train_ppl']:.2f}, valid ppl "
-               f"{record['valid_ppl']:.2f}; no test perplexity (the run did not finish)")
-        ckpt.close()
-        return writer.records + [record]
-      record["valid_ppl"] = evaluate(model, eval_step, state.params, data.valid,
-                                     hp.batch_size, hp.num_steps, mesh)
-      report(f"Epoch {epoch + 1}: lr {lr:.4g}  train ppl {record['train_ppl']:.3f}  "
-             f"valid ppl {record['valid_ppl']:.3f}  {wps:,.0f} wps  grad norm mean "
-             f"{record['grad_norm_mean']:.3f} max {record['grad_norm_max']:.3f}  clipped "
-             f"{record['clip_fraction']:.1%}"
-             + (f"  epsilon {record['epsilon']:.3f}" if dp else ""))
-      writer.write(record)
-      epoch, pos, elapsed = epoch + 1, 0, 0.0
-      save()
-      stop_if_asked()
-
-  if stopped:
-    report(f"Stopped at --max-steps {run.max_steps} after epoch {epoch}; no test "
-           "perplexity (the run did not finish)")
-  else:
+  loop = TrainLoop(workdir, described, run, steps_per_epoch=epoch_size,
+                   max_epochs=max_epochs)
+  try:
+    state = loop.restore(task, state)
+    if loop.done:
+      return loop.records
+    report(f"PTB {config.name}: {len(data.train):,} train tokens, {epoch_size} "
+           f"{'windows' if dp is None else 'steps'}/epoch, {max_epochs} epochs, "
+           f"clip={run.clip}, {num_devices} device(s)"
+           + ("" if sampler is None else f"; {sampler.dataset_size:,} windows of "
+              f"{hp.num_steps + 1} tokens, Poisson batches of {hp.batch_size} expected, "
+              f"padded to {sampler.capacity}"))
+    state = loop.run(task, state)
+    if loop.partial is not None:
+      return loop.records + [loop.partial]
+    if not loop.finished:
+      report(f"Stopped at --max-steps {run.max_steps} after epoch "
+             f"{loop.step // epoch_size}; no test perplexity (the run did not finish)")
+      return loop.records
     test_ppl = evaluate(model, eval_step, state.params, data.test, 1, TEST_WINDOW, mesh,
                         full=True)
     report(f"Test ppl {test_ppl:.3f}")
-    writer.write({"epoch": epoch, "test_ppl": test_ppl})
-    save(done=True)
-  ckpt.close()
-  return writer.records
+    loop.finish(task, state, TestRecord(epoch=max_epochs, test_ppl=test_ppl))
+    _write_results(workdir, config, test_ppl, loop.step, dp, sampler)
+    return loop.records
+  finally:
+    loop.close()
+
+
+def _write_results(workdir: pathlib.Path, config: configs.TrainConfig, test_ppl: float,
+                   step: int, dp: dp_lib.DPSettings | None,
+                   sampler: PoissonSampler | None) -> None:
+  """``results.json`` of a finished run: the test perplexity and, with DP-SGD, the
+  privacy spent, the sampler and the accountant."""
+  result = {"test_ppl": test_ppl, "steps": step, "config": config.describe()}
+  if dp is not None:
+    result["dp"] = dp.results(step, sampler)
+  if is_primary():
+    (workdir / "results.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
