@@ -648,8 +648,9 @@ def test_project_ptb_model_time_major_with_steps_equal_to_batch(num_steps):
   x = jax.random.randint(jax.random.key(1), (4, num_steps), 0, 30)
   y = jax.random.randint(jax.random.key(2), (4, num_steps), 0, 30)
   lf = train.per_window_loss_fn(model, jax.random.key(3))
+  w = jnp.ones(4)  # every window real (weight 0 marks padding)
   out = {m: jax.jit(dp.clipped_grad(lf, max_norm=0.5, method=m, has_aux=True,
-                                    return_norms=True))(params, x, y)
+                                    return_norms=True))(params, x, y, w)
          for m in ("vmap", "ghost")}
   np.testing.assert_allclose(out["ghost"][1], out["vmap"][1], rtol=1e-5)
   assert tree_rel(out["vmap"][0], out["ghost"][0]) < 1e-5

@@ -208,9 +208,24 @@ class Scan(NamedTuple):
 
 
 def scan(eqn) -> Scan:
+  """A ``scan``'s body and its operand counts.
+
+  JAX up to 0.10 gives the counts as ``num_consts`` / ``num_carry``; JAX 0.11 and 0.12
+  give the operand groups (consts, carry, scanned) as ``ft_in``, whose ``unpack()``
+  parts list their values.
+  """
   p = eqn.params
-  return Scan(_open(p["jaxpr"]), p["num_consts"], p["num_carry"], p["length"],
-              p["reverse"], p["unroll"])
+  if "num_consts" in p:
+    nc, ncar = p["num_consts"], p["num_carry"]
+  else:
+    try:
+      groups = p["ft_in"].unpack()
+      nc, ncar = len(list(groups[0].vals)), len(list(groups[1].vals))
+    except (KeyError, AttributeError, IndexError, TypeError) as e:
+      raise NotImplementedError(
+          "gradclip_jax's ghost engine cannot read this JAX version's scan parameters "
+          f"({sorted(p)}); see gradclip_jax._compat for the tested versions") from e
+  return Scan(_open(p["jaxpr"]), nc, ncar, p["length"], p["reverse"], p["unroll"])
 
 
 def cond_branches(eqn) -> list:

@@ -22,6 +22,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from gradclip_jax import _compat
 from gradclip_jax.training import flags
 from gradclip_jax.training.errors import Interrupted, UsageError
 
@@ -133,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gradclip {chosen}: error: the trainers need the [train] extra "
           f"({', '.join(missing)} not installed): {INSTALL_TRAIN}", file=sys.stderr)
     return 2
+  if chosen in TRAINERS:
+    try:  # Flax outside the tested range: say which versions, not a traceback later
+      _compat.check("flax", extra="train")
+    except ImportError as e:
+      print(f"gradclip {chosen}: error: {e}", file=sys.stderr)
+      return 2
   try:
     parser, subparsers = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
