@@ -276,7 +276,8 @@ def _structure(plan: _trace.Plan, budget: Optional[int] = None) -> Structure:
         u.form = _rules.NORM
       units.extend(cu)
       crosses.extend(pairs)
-      text = cu[0].describe(_rules.NORM) + _suffix(gs)
+      text = (" + ".join(u.describe(_rules.NORM) for u in cu) + _suffix(gs)
+              + " [cross terms]")
     else:
       mu = [g.rule.unit(g) for g in gs]
       materialized.append(Materialized(mu, tuple(sorted(leaves))))
@@ -589,7 +590,8 @@ def ghost_coverage(loss_fn: Callable[..., Any], params: Any, *batch: Any,
   uses share parameters with a use of another form get exact per-example gradients
   of those leaves, named after the first use of a per-operation rule (else the first
   use) in program order; a table read by ``gather`` and by ``dot_general`` (tied
-  embeddings) keeps both exact rules with their cross term.
+  embeddings) keeps both exact rules with their cross term (``"gather +
+  dot_general: gram x2 uses [cross terms]"``).
 
   Raises the errors ``clipped_grad(method="ghost")`` raises (e.g. a ``ValueError``
   for an operation that combines examples, such as BatchNorm with batch statistics).
