@@ -180,9 +180,9 @@ def test_compat_check_names_the_version_needed(monkeypatch):
   monkeypatch.setattr(_compat, "installed_version", {"flax": "0.11.0"}.get)
   with pytest.raises(ImportError, match=r"^gradclip_jax\[train\] needs flax>="):
     _compat.check("flax", extra="train")
-  # JAX 0.11 and later: above the tested range (the ghost engine's scan rule).
-  monkeypatch.setattr(_compat, "installed_version", {"jax": "0.12.1"}.get)
-  with pytest.raises(ImportError, match=r"needs jax>=0\.10\.2,<0\.11\.0, found jax 0\.12\.1"):
+  # JAX 0.13 and later: above the tested range.
+  monkeypatch.setattr(_compat, "installed_version", {"jax": "0.13.0"}.get)
+  with pytest.raises(ImportError, match=r"needs jax>=0\.10\.2,<0\.13\.0, found jax 0\.13\.0"):
     _compat.check("jax")
   monkeypatch.setenv(_compat.SKIP_ENV, "1")
   _compat.check("jax")  # skipped on request
