@@ -1,8 +1,9 @@
 """Trainer speed across two revisions: ``gradclip ptb`` and ``gradclip classify``, phase by phase.
 
 Runs both trainers with the same command line at two revisions of this repository, one
-process per run, alternating base and head over rounds (base, head, base, head, ...), and
-reports for every phase the median over rounds of the per-round ratio head / base:
+process per run, alternating base and head processes over rounds (round 1: base then
+head, round 2: head then base, ...), and reports for every phase the median over rounds
+of the per-round ratio head / base:
 
     flock /tmp/gradclip-timing.lock python benchmarks/trainer_speed.py --base 681d205 \\
         [--head REV_OR_DIR] [--rounds 3] [--trainers ptb classify] [--quick]
@@ -24,7 +25,9 @@ without relying on what a revision's trainer prints or logs (older revisions log
 * ``steps``: from the first ``train_step`` call of an epoch to the start of what follows
   the steps (an evaluation or a checkpoint; the trainers wait for the last step's outputs
   before either), minus compile time inside (a new batch shape compiles mid-epoch), per
-  step: ``make_train_step``'s returned function is wrapped to note each call;
+  step: ``make_train_step``'s returned function is wrapped to note each call, and, like
+  ``make_eval_step``'s, to wait for the previous step before a call with new input
+  shapes, so that no step runs during a compile that is subtracted;
 * ``evaluation``: the calls of the trainer's ``evaluate`` (validation and test), minus
   compile time;
 * ``checkpoint``: the calls of ``Checkpointer.save``;
@@ -39,7 +42,7 @@ first 40,400 training/valid/test tokens (100 steps, validation and test evaluati
 MR's ``mr`` config on 3,000 examples per split (60 steps, validation and test); ``--quick``
 runs tiny configs (PTB ``test``, classify ``smoke``) for a smoke test.
 Hook points the trainers must keep (a revision without one is refused with the name):
-``<trainer>.train.make_train_step`` and ``<trainer>.train.evaluate`` looked up through
+``<trainer>.train.make_train_step``, ``make_eval_step`` and ``evaluate`` looked up through
 the module at call time, ``<trainer>.input_pipeline.load_ptb`` / ``load_dataset``, and
 ``Checkpointer.save`` in ``training.checkpoints`` (or ``training.common`` in old revisions).
 """
@@ -192,6 +195,8 @@ def _hook_points(trainer: str, tree: str):
       break
   missing = [n for n, ok in [(f"{trainer}.train.make_train_step",
                               hasattr(train, "make_train_step")),
+                             (f"{trainer}.train.make_eval_step",
+                              hasattr(train, "make_eval_step")),
                              (f"{trainer}.train.evaluate", hasattr(train, "evaluate")),
                              (f"{trainer}.input_pipeline.{LOADERS[trainer]}",
                               hasattr(pipeline, LOADERS[trainer])),
@@ -234,19 +239,33 @@ def _child(spec_path: str) -> int:
         record["events"].append({"kind": kind, "start": start, "end": time.time()})
     return wrapper
 
-  class _Step:  # the train step, noting the time of each call
-    def __init__(self, fn):
-      self._fn = fn
+  class _Step:
+    """A jitted step (train or eval): notes the time of each train step call, and before a
+    call with inputs it has not seen (a new shape, dtype or placement: XLA compiles)
+    waits for the previous call's outputs, so that no step runs while the compile is
+    timed (it would be subtracted with the compile)."""
+
+    def __init__(self, fn, train_step: bool):
+      self._fn, self._train_step, self._seen, self._last = fn, train_step, set(), None
 
     def __call__(self, *args, **kwargs):
-      record["step_calls"].append(time.time())
-      return self._fn(*args, **kwargs)
+      signature = tuple((type(x).__name__, getattr(x, "shape", None),
+                         str(getattr(x, "dtype", None)), getattr(x, "committed", None))
+                        for x in jax.tree.leaves((args, kwargs)))
+      if signature not in self._seen:
+        self._seen.add(signature)
+        jax.block_until_ready(self._last)
+      if self._train_step:
+        record["step_calls"].append(time.time())
+      self._last = self._fn(*args, **kwargs)
+      return self._last
 
     def __getattr__(self, name):
       return getattr(self._fn, name)
 
-  make_train_step = train.make_train_step
-  train.make_train_step = lambda *a, **k: _Step(make_train_step(*a, **k))
+  make_train_step, make_eval_step = train.make_train_step, train.make_eval_step
+  train.make_train_step = lambda *a, **k: _Step(make_train_step(*a, **k), True)
+  train.make_eval_step = lambda *a, **k: _Step(make_eval_step(*a, **k), False)
   train.evaluate = timed("evaluation", train.evaluate)
   setattr(pipeline, LOADERS[trainer], timed("load", getattr(pipeline, LOADERS[trainer])))
   checkpointer.save = timed("checkpoint", checkpointer.save)
@@ -395,7 +414,8 @@ def markdown(result: dict) -> str:
            f"- command: `{result['command']}`",
            f"- machine: {result['machine']}; backend {result['backend']}",
            f"- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-           f"- {result['rounds']} rounds, alternating base / head processes; load average "
+           f"- {result['rounds']} rounds of base and head processes (base first in odd "
+           f"rounds, head first in even ones); load average "
            f"(1 min) {result['loadavg_1min']['min']:.2f} to "
            f"{result['loadavg_1min']['max']:.2f} (median "
            f"{result['loadavg_1min']['median']:.2f})"]
@@ -473,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   with tempfile.TemporaryDirectory(prefix="trainer_speed-") as scratch:
     for r in range(a.rounds):
       for trainer in a.trainers:
-        for name in ("base", "head"):
+        for name in ("base", "head") if r % 2 == 0 else ("head", "base"):
           label = f"round {r + 1}/{a.rounds} {trainer} {name}"
           if bar is not None:
             bar.set_description(label)
@@ -484,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           runs[trainer][name].append(run)
           if bar is not None:
             bar.update(1)
-            if name == "head":
+            if len(runs[trainer]["base"]) == len(runs[trainer]["head"]):
               ph = lambda s, k: runs[trainer][s][-1]["phases"][k]
               bar.set_postfix_str(f"{trainer} head/base: total "
                                   f"{ph('head', 'total') / ph('base', 'total'):.2f}, steps "

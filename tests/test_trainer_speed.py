@@ -105,7 +105,7 @@ def test_a_tree_without_the_hook_points_is_refused(tmp_path, monkeypatch):
   (fake / "gradclip_jax/training/checkpoints.py").write_text("class Checkpointer:\n  pass\n")
   for trainer, loader in (("ptb", "load_ptb"), ("classify", "load_dataset")):
     (fake / f"gradclip_jax/training/{trainer}/train.py").write_text(
-        "def make_train_step():\n  pass\n")  # no evaluate
+        "def make_train_step():\n  pass\ndef make_eval_step():\n  pass\n")  # no evaluate
     (fake / f"gradclip_jax/training/{trainer}/input_pipeline.py").write_text(
         f"def {loader}():\n  pass\n")
   with pytest.raises(SystemExit, match=r"lacks the hook points ptb\.train\.evaluate"):
