@@ -35,6 +35,11 @@ without relying on what a revision's trainer prints or logs (older revisions log
   parent from process start; ``other``: the rest of the process (model and optimizer
   initialization, metric files, exit); ``total``: the process's wall time.
 
+Every phase is reported twice: wall time, and the process's CPU time in the same
+windows (``time.process_time`` sampled by the child at every boundary it records, all
+threads; the total from the parent's ``getrusage``). On a machine shared with other jobs
+the CPU time varies much less than the wall time, which counts the waits for a core.
+
 The result goes to ``results/trainer_speed-<backend>-<date>.{json,md}`` with the
 per-round seconds of every phase, the load average around every run and the versions.
 The default config (a few minutes at ``--rounds 3`` on a 2-core CPU): PTB *small* on the
@@ -49,6 +54,7 @@ the module at call time, ``<trainer>.input_pipeline.load_ptb`` / ``load_dataset`
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import os
@@ -59,9 +65,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import resource
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) \
@@ -103,18 +110,42 @@ def union(intervals: Iterable[Sequence[float]]) -> list[tuple[float, float]]:
   return out
 
 
-def length(intervals: Iterable[Sequence[float]]) -> float:
-  """Total length of the union of ``intervals``."""
-  return sum(b - a for a, b in union(intervals))
+def length(intervals: Iterable[Sequence[float]], clock: Callable[[float], float] = float
+           ) -> float:
+  """Total length of the union of ``intervals``, measured by ``clock`` (wall time by
+  default; :func:`cpu_clock` gives the CPU time spent in them)."""
+  return sum(clock(b) - clock(a) for a, b in union(intervals))
 
 
-def overlap(intervals: Iterable[Sequence[float]], disjoint: Sequence[Sequence[float]]) -> float:
-  """Length of ``union(intervals)`` that lies inside the disjoint intervals ``disjoint``."""
+def overlap(intervals: Iterable[Sequence[float]], disjoint: Sequence[Sequence[float]],
+            clock: Callable[[float], float] = float) -> float:
+  """Length (by ``clock``) of ``union(intervals)`` inside the disjoint intervals ``disjoint``."""
   total = 0.0
   for a, b in union(intervals):
     for c, d in disjoint:
-      total += max(0.0, min(b, d) - max(a, c))
+      lo, hi = max(a, c), min(b, d)
+      if hi > lo:
+        total += clock(hi) - clock(lo)
   return total
+
+
+def cpu_clock(samples: Sequence[Sequence[float]]) -> Callable[[float], float]:
+  """Wall time -> the process's CPU seconds so far, interpolated linearly between the
+  ``(wall, cpu)`` samples (the child takes one at every boundary it records)."""
+  pts = sorted((float(w), float(c)) for w, c in samples)
+  walls = [w for w, _ in pts]
+
+  def clock(t: float) -> float:
+    i = bisect.bisect_left(walls, t)
+    if i < len(pts) and walls[i] == t:
+      return pts[i][1]
+    if i == 0:
+      return pts[0][1]
+    if i == len(pts):
+      return pts[-1][1]
+    (w0, c0), (w1, c1) = pts[i - 1], pts[i]
+    return c0 + (c1 - c0) * (t - w0) / (w1 - w0)
+  return clock
 
 
 def step_segments(step_calls: Sequence[float], events: Sequence[dict],
@@ -133,33 +164,39 @@ def step_segments(step_calls: Sequence[float], events: Sequence[dict],
   return segments
 
 
-def phases(record: dict) -> dict[str, float]:
-  """Seconds per phase of one child run (see the module docstring); they sum to ``total``."""
+def phases(record: dict, cpu: bool = False) -> dict[str, float]:
+  """Seconds per phase of one child run (see the module docstring), wall time or (``cpu``)
+  the process's CPU time; they sum to ``total``."""
   t0, t_main, t_end = record["process_start"], record["main_start"], record["main_end"]
+  t_exit = record["process_end"]
+  clock: Callable[[float], float] = float
+  if cpu:
+    clock = cpu_clock([(t0, 0.0), *record["cpu_samples"], (t_exit, record["cpu_total"])])
   compiles = [iv for iv in union(record["compiles"]) if iv[1] > t0]
   by_kind: dict[str, list] = {"load": [], "evaluation": [], "checkpoint": []}
   for e in record["events"]:
     by_kind[e["kind"]].append((e["start"], e["end"]))
   segments = step_segments(record["step_calls"], record["events"], t_end)
-  out = {"startup": (t_main - t0) - overlap([(t0, t_main)], compiles)}
+  out = {"startup": length([(t0, t_main)], clock) - overlap([(t0, t_main)], compiles, clock)}
   for kind, ivs in by_kind.items():
-    out[kind] = length(ivs) - overlap(ivs, compiles)
-  out["steps"] = length(segments) - overlap(segments, compiles)
-  out["compile"] = overlap([(t0, record["process_end"])], compiles)
-  out["total"] = record["process_end"] - t0
+    out[kind] = length(ivs, clock) - overlap(ivs, compiles, clock)
+  out["steps"] = length(segments, clock) - overlap(segments, compiles, clock)
+  out["compile"] = overlap([(t0, t_exit)], compiles, clock)
+  out["total"] = clock(t_exit) - clock(t0)
   out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
   return {k: out[k] for k in PHASES}
 
 
-def ratios(base_runs: Sequence[dict], head_runs: Sequence[dict]) -> dict[str, dict]:
+def ratios(base_runs: Sequence[dict], head_runs: Sequence[dict], key: str = "phases"
+           ) -> dict[str, dict]:
   """Per phase: the per-round ratios head / base (steps: per step), their median, min, max.
 
-  ``*_runs[r]`` are round ``r``'s ``{"phases": ..., "steps": n}``."""
+  ``*_runs[r]`` are round ``r``'s ``{key: {phase: seconds}, "steps": n}``."""
   out = {}
   for phase in PHASES:
     per_round = []
     for b, h in zip(base_runs, head_runs):
-      bv, hv = b["phases"][phase], h["phases"][phase]
+      bv, hv = b[key][phase], h[key][phase]
       if phase == "steps":
         bv, hv = bv / max(b["steps"], 1), hv / max(h["steps"], 1)
       per_round.append(hv / bv if bv > 0 else float("nan"))
@@ -218,14 +255,21 @@ def _child(spec_path: str) -> int:
   """Runs one trainer in this process and writes the raw timing record to spec['out']."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
   record: dict[str, Any] = {"process_start": spec["process_start"], "events": [],
-                            "compiles": [], "step_calls": []}
+                            "compiles": [], "step_calls": [], "cpu_samples": []}
+  sample = lambda t: record["cpu_samples"].append((t, time.process_time()))
   import jax  # pylint: disable=import-outside-toplevel
   import jax.monitoring  # pylint: disable=import-outside-toplevel
+
+  def on_start(event, start, **_):  # JAX records a compile span's start as a scalar
+    if event in COMPILE_EVENTS:
+      sample(start)
 
   def on_span(event, start, end, **_):
     if event in COMPILE_EVENTS:
       record["compiles"].append((start, end))
+      sample(end)
 
+  jax.monitoring.register_scalar_listener(on_start)
   jax.monitoring.register_event_time_span_listener(on_span)
   trainer, tree = spec["trainer"], spec["tree"]
   train, pipeline, checkpointer, where = _hook_points(trainer, tree)
@@ -233,10 +277,13 @@ def _child(spec_path: str) -> int:
   def timed(kind, fn):
     def wrapper(*args, **kwargs):
       start = time.time()
+      sample(start)
       try:
         return fn(*args, **kwargs)
       finally:
-        record["events"].append({"kind": kind, "start": start, "end": time.time()})
+        end = time.time()
+        sample(end)
+        record["events"].append({"kind": kind, "start": start, "end": end})
     return wrapper
 
   class _Step:
@@ -256,7 +303,9 @@ def _child(spec_path: str) -> int:
         self._seen.add(signature)
         jax.block_until_ready(self._last)
       if self._train_step:
-        record["step_calls"].append(time.time())
+        now = time.time()
+        sample(now)
+        record["step_calls"].append(now)
       self._last = self._fn(*args, **kwargs)
       return self._last
 
@@ -272,8 +321,10 @@ def _child(spec_path: str) -> int:
 
   from gradclip_jax.training import cli  # pylint: disable=import-outside-toplevel
   record["main_start"] = time.time()
+  sample(record["main_start"])
   rc = cli.main(spec["argv"])
   record["main_end"] = time.time()
+  sample(record["main_end"])
   import importlib  # pylint: disable=import-outside-toplevel
   versions = {"python": platform.python_version(), "jax": jax.__version__}
   for mod in ("jaxlib", "flax", "optax", "numpy", "orbax.checkpoint"):
@@ -363,20 +414,25 @@ def run_once(side: dict, trainer: str, argv: list[str], data_dir: pathlib.Path,
   start = time.time()
   spec.write_text(json.dumps({"tree": side["tree"], "trainer": trainer, "argv": full,
                               "out": str(out), "process_start": start}))
+  cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(log, "w") as f:
     proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--child",
                            str(spec)], cwd=scratch,
                           env=_child_env(side["tree"], compile_cache), stdout=f,
                           stderr=subprocess.STDOUT)
   end = time.time()
+  cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode != 0 or not out.exists():
     tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
     raise SystemExit(f"trainer_speed: {trainer} at {side['label']} failed (exit status "
                      f"{proc.returncode}); command: gradclip {shlex.join(full)}\n{tail}")
   record = json.loads(out.read_text())
   record["process_end"] = end
+  record["cpu_total"] = (cpu_after.ru_utime + cpu_after.ru_stime
+                         - cpu_before.ru_utime - cpu_before.ru_stime)
   shutil.rmtree(workdir, ignore_errors=True)
-  return {"phases": phases(record), "steps": len(record["step_calls"]),
+  return {"phases": phases(record), "cpu": phases(record, cpu=True),
+          "steps": len(record["step_calls"]),
           "evaluations": sum(e["kind"] == "evaluation" for e in record["events"]),
           "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
           "backend": record["backend"], "versions": record["versions"],
@@ -427,17 +483,24 @@ def markdown(result: dict) -> str:
     lines += [f"## {trainer}: `gradclip {shlex.join(t['argv'])}`", "",
               f"{t['steps']['base']} steps at base, {t['steps']['head']} at head; "
               f"{t['evaluations']['base']} / {t['evaluations']['head']} evaluations.", "",
-              "| phase | base s (median) | head s (median) | head / base (median of rounds) "
-              "| range over rounds |", "|---|---:|---:|---:|---|"]
+              "Wall time, then the process's CPU time (all threads; less sensitive to "
+              "other jobs on a shared machine). Seconds are medians over rounds; a ratio "
+              "is head / base, the median of the per-round ratios, with their range.", "",
+              "| phase | base s | head s | wall ratio | range | base CPU s | head CPU s "
+              "| CPU ratio | range |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    per = {"base": max(t["steps"]["base"], 1), "head": max(t["steps"]["head"], 1)}
     for phase in PHASES:
-      r = t["ratios"][phase]
-      b, h = t["median_seconds"]["base"][phase], t["median_seconds"]["head"][phase]
+      cells = []
+      for secs, rat in (("median_seconds", "ratios"), ("median_cpu_seconds", "cpu_ratios")):
+        b, h = t[secs]["base"][phase], t[secs]["head"][phase]
+        if phase == "steps":
+          b, h = b / per["base"], h / per["head"]
+        r = t[rat][phase]
+        cells += [f"{b:.3f}", f"{h:.3f}",
+                  "-" if r["median"] is None else f"{r['median']:.3f}",
+                  "-" if r["median"] is None else f"{r['min']:.2f} to {r['max']:.2f}"]
       name = "steps (per step)" if phase == "steps" else phase
-      if phase == "steps":
-        b, h = b / max(t["steps"]["base"], 1), h / max(t["steps"]["head"], 1)
-      ratio = "-" if r["median"] is None else f"{r['median']:.3f}"
-      rng = "-" if r["median"] is None else f"{r['min']:.3f} to {r['max']:.3f}"
-      lines.append(f"| {name} | {b:.3f} | {h:.3f} | {ratio} | {rng} |")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
 
@@ -539,9 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": {n: t[n][0]["steps"] for n in ("base", "head")},
         "evaluations": {n: t[n][0]["evaluations"] for n in ("base", "head")},
         "ratios": ratios(t["base"], t["head"]),
+        "cpu_ratios": ratios(t["base"], t["head"], key="cpu"),
         "median_seconds": {n: {ph: statistics.median(run["phases"][ph] for run in t[n])
                                for ph in PHASES} for n in ("base", "head")},
-        "runs": {n: [{k: run[k] for k in ("phases", "steps", "evaluations",
+        "median_cpu_seconds": {n: {ph: statistics.median(run["cpu"][ph] for run in t[n])
+                                   for ph in PHASES} for n in ("base", "head")},
+        "runs": {n: [{k: run[k] for k in ("phases", "cpu", "steps", "evaluations",
                                           "loadavg_before", "loadavg_after")}
                      for run in t[n]] for n in ("base", "head")},
     }

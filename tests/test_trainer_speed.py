@@ -52,6 +52,18 @@ def test_phases_partition_the_process_net_of_compile():
   # The rest: 4-5 (before the load), 7-8 and 9-10 (init), 35-41 (after the run, exit).
   assert p["other"] == pytest.approx(1 + 1 + 1 + 6)
   assert sum(v for k, v in p.items() if k != "total") == pytest.approx(p["total"])
+  # CPU time: a process that used half a core throughout has half of every phase.
+  record["cpu_samples"] = [(t, t / 2) for t in (4, 5, 7, 8, 9, 10, 11, 12, 15, 20, 25, 30,
+                                                31, 34, 35, 40)]
+  record["cpu_total"] = 41 / 2
+  assert ts.phases(record, cpu=True) == pytest.approx({k: v / 2 for k, v in p.items()})
+
+
+def test_cpu_clock_interpolates_between_samples():
+  clock = ts.cpu_clock([(10, 5), (0, 0), (20, 5)])
+  assert [clock(t) for t in (0, 5, 10, 15, 20, 25, -1)] == [0, 2.5, 5, 5, 5, 5, 0]
+  # CPU seconds spent in [5, 15]: 2.5 in the first half, none in the second.
+  assert ts.length([(5, 15)], clock) == 2.5
 
 
 def test_ratios_are_medians_of_per_round_ratios_and_steps_per_step():
@@ -90,6 +102,9 @@ def test_quick_run_at_this_checkout(shared_data_dir, tmp_path):
       assert p["steps"] > 0 and p["compile"] > 0 and p["load"] > 0 and p["evaluation"] > 0
       assert sum(v for k, v in p.items() if k != "total") == pytest.approx(p["total"])
       assert min(p.values()) >= 0
+      (c,) = (run["cpu"] for run in t["runs"][side])
+      assert 0 < c["steps"] and 0 < c["total"] < 2 * p["total"] * os.cpu_count()
+      assert sum(v for k, v in c.items() if k != "total") == pytest.approx(c["total"])
     assert t["ratios"]["total"]["median"] > 0
   md = path.with_suffix(".md").read_text()
   assert "| steps (per step) |" in md and "## ptb" in md
