@@ -129,6 +129,7 @@ def mr_cross_validation(data_dir, out, *, folds=range(10), ensemble: int = 5,
   folds = list(folds)
   flags_ = ["--set", "valid_fraction=0", "--set", f"ensemble={ensemble}", *extra]
   per_fold, seconds, loads = {}, {}, {}
+  versions = _versions()  # at the start: the commit whose trainer runs
   t_start = time.perf_counter()
   for i, fold in enumerate(folds):
     workdir = out / f"fold-{fold}"
@@ -162,7 +163,7 @@ def mr_cross_validation(data_dir, out, *, folds=range(10), ensemble: int = 5,
                   f"--out OUT --ensemble {ensemble}"
                   + "".join(f" --set {x}" for x in extra[1::2])),
       "date": datetime.date.today().isoformat(),
-      "versions": _versions(),
+      "versions": versions,
       "final": {
           "config": "mr " + " ".join(flags_),
           "folds": folds,
