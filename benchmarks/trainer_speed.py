@@ -255,7 +255,8 @@ def _child(spec_path: str) -> int:
   """Runs one trainer in this process and writes the raw timing record to spec['out']."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
   record: dict[str, Any] = {"process_start": spec["process_start"], "events": [],
-                            "compiles": [], "step_calls": [], "cpu_samples": []}
+                            "compiles": [], "step_calls": [], "cpu_samples": [],
+                            "xla_compiles": 0}
   sample = lambda t: record["cpu_samples"].append((t, time.process_time()))
   import jax  # pylint: disable=import-outside-toplevel
   import jax.monitoring  # pylint: disable=import-outside-toplevel
@@ -268,6 +269,8 @@ def _child(spec_path: str) -> int:
     if event in COMPILE_EVENTS:
       record["compiles"].append((start, end))
       sample(end)
+    if event == COMPILE_EVENTS[-1]:
+      record["xla_compiles"] += 1
 
   jax.monitoring.register_scalar_listener(on_start)
   jax.monitoring.register_event_time_span_listener(on_span)
@@ -432,7 +435,7 @@ def run_once(side: dict, trainer: str, argv: list[str], data_dir: pathlib.Path,
                          - cpu_before.ru_utime - cpu_before.ru_stime)
   shutil.rmtree(workdir, ignore_errors=True)
   return {"phases": phases(record), "cpu": phases(record, cpu=True),
-          "steps": len(record["step_calls"]),
+          "steps": len(record["step_calls"]), "xla_compiles": record["xla_compiles"],
           "evaluations": sum(e["kind"] == "evaluation" for e in record["events"]),
           "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
           "backend": record["backend"], "versions": record["versions"],
@@ -482,7 +485,9 @@ def markdown(result: dict) -> str:
   for trainer, t in result["trainers"].items():
     lines += [f"## {trainer}: `gradclip {shlex.join(t['argv'])}`", "",
               f"{t['steps']['base']} steps at base, {t['steps']['head']} at head; "
-              f"{t['evaluations']['base']} / {t['evaluations']['head']} evaluations.", "",
+              f"{t['evaluations']['base']} / {t['evaluations']['head']} evaluations; "
+              f"{statistics.median(t['xla_compiles']['base']):g} / "
+              f"{statistics.median(t['xla_compiles']['head']):g} XLA compiles (median).", "",
               "Wall time, then the process's CPU time (all threads; less sensitive to "
               "other jobs on a shared machine). Seconds are medians over rounds; a ratio "
               "is head / base, the median of the per-round ratios, with their range.", "",
@@ -607,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                for ph in PHASES} for n in ("base", "head")},
         "median_cpu_seconds": {n: {ph: statistics.median(run["cpu"][ph] for run in t[n])
                                    for ph in PHASES} for n in ("base", "head")},
+        "xla_compiles": {n: [run["xla_compiles"] for run in t[n]] for n in ("base", "head")},
         "runs": {n: [{k: run[k] for k in ("phases", "cpu", "steps", "evaluations",
                                           "loadavg_before", "loadavg_after")}
                      for run in t[n]] for n in ("base", "head")},
