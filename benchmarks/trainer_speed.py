@@ -42,10 +42,11 @@ the CPU time varies much less than the wall time, which counts the waits for a c
 
 The result goes to ``results/trainer_speed-<backend>-<date>.{json,md}`` with the
 per-round seconds of every phase, the load average around every run and the versions.
-The default config (a few minutes at ``--rounds 3`` on a 2-core CPU): PTB *small* on the
-first 40,400 training/valid/test tokens (100 steps, validation and test evaluation),
-MR's ``mr`` config on 3,000 examples per split (60 steps, validation and test); ``--quick``
-runs tiny configs (PTB ``test``, classify ``smoke``) for a smoke test.
+The default config: PTB *small* on the first 40,400 training/valid/test tokens (100
+steps, validation and test evaluation), MR's ``mr`` config on 3,000 examples per split (60
+steps, validation and test); a round (four processes) takes about 2 CPU-minutes, and
+``--rounds 5`` took 25 minutes at load 9 on the 2-core CPU. ``--quick`` runs tiny configs
+(PTB ``test``, classify ``smoke``) for a smoke test.
 Hook points the trainers must keep (a revision without one is refused with the name):
 ``<trainer>.train.make_train_step``, ``make_eval_step`` and ``evaluate`` looked up through
 the module at call time, ``<trainer>.input_pipeline.load_ptb`` / ``load_dataset``, and
