@@ -252,6 +252,7 @@ def _check_tree(tree: str) -> int:
     _hook_points(trainer, tree)
   return 0
 
+
 def _child(spec_path: str) -> int:
   """Runs one trainer in this process and writes the raw timing record to spec['out']."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
