@@ -15,13 +15,31 @@ and, when matplotlib is installed, ``classify_experiment.png`` (the gradient-nor
         --out runs/classify_experiment --max-steps 600
 
 The notebooks import :func:`run_experiment` and :func:`plot`.
+
+``--mr-cv`` runs MR's 10-fold cross-validation instead: for each fold ``F`` the command
+
+    gradclip classify --dataset mr --data-dir DIR --workdir OUT/fold-F --mr-fold F \
+        --set valid_fraction=0 --set ensemble=5
+
+(one process per fold; ensemble members are seeds 0-4, member 0 is the single model of
+seed 0), and writes ``results/mr-10fold-cv-<device>-<date>-ensemble5.json``: per-fold test
+accuracy of the ensemble and of every member, mean and standard deviation over folds, the
+wall time of each fold, the load average and the versions. A fold whose ``results.json``
+exists is read, not rerun, so an interrupted run continues where it stopped.
+
+    python benchmarks/classify_experiment.py --mr-cv --data-dir ../shared/data/rt-polarity \
+        --out runs/mr-cv
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import pathlib
+import platform
+import subprocess
 import sys
 import time
 
@@ -81,6 +99,98 @@ def run_experiment(data_dir, out, *, dataset: str = "mr", max_steps: int = 600,
   return results
 
 
+def _versions() -> dict:
+  import flax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import gradclip_jax  # pylint: disable=import-outside-toplevel
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = None
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "gradclip_jax": getattr(gradclip_jax, "__version__", None), "commit": commit,
+          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+
+
+def mr_cross_validation(data_dir, out, *, folds=range(10), ensemble: int = 5,
+                        results_dir=None, extra=()) -> dict:
+  """MR's k-fold cross-validation of ``gradclip classify`` (ensemble of ``ensemble`` seeds).
+
+  One ``gradclip classify --mr-fold F`` process per fold in ``out/fold-F``; a fold whose
+  ``results.json`` exists is read instead of rerun. Returns (and, with ``results_dir``,
+  writes) per-fold test accuracies of the ensemble and its members, their mean and
+  standard deviation over folds, per-fold wall times, load averages and versions.
+  """
+  out = pathlib.Path(out)
+  folds = list(folds)
+  flags_ = ["--set", "valid_fraction=0", "--set", f"ensemble={ensemble}", *extra]
+  per_fold, seconds, loads = {}, {}, {}
+  versions = _versions()  # at the start: the commit whose trainer runs
+  t_start = time.perf_counter()
+  for i, fold in enumerate(folds):
+    workdir = out / f"fold-{fold}"
+    result_file = workdir / "results.json"
+    if not result_file.exists():
+      cmd = [sys.executable, "-m", "gradclip_jax.training.cli", "classify", "--dataset", "mr",
+             "--data-dir", str(data_dir), "--workdir", str(workdir), "--mr-fold", str(fold),
+             "--no-progress", "--overwrite", "--cache-dir", str(out / "data_cache"), *flags_]
+      print(f"[mr-cv] fold {fold} ({i + 1}/{len(folds)}), "
+            f"{time.perf_counter() - t_start:.0f} s so far: {' '.join(cmd[3:])}", flush=True)
+      t0 = time.perf_counter()
+      subprocess.run(cmd, check=True)
+      seconds[fold] = time.perf_counter() - t0
+      loads[fold] = os.getloadavg()
+    r = json.loads(result_file.read_text())
+    per_fold[fold] = r
+    members = r.get("member_test_acc", [r["test_acc"]])
+    print(f"[mr-cv] fold {fold}: ensemble {100 * r['test_acc']:.2f}%, members "
+          + ", ".join(f"{100 * a:.2f}" for a in members)
+          + (f"; {seconds[fold]:.0f} s" if fold in seconds else " (read)"), flush=True)
+  ens = np.array([per_fold[f]["test_acc"] for f in folds])
+  members = np.array([per_fold[f].get("member_test_acc", [per_fold[f]["test_acc"]])
+                      for f in folds])
+  result = {
+      "protocol": (f"{len(folds)}-fold cross-validation of MR (the seeded folds of "
+                   "--mr-fold); per fold: gradclip classify --dataset mr --mr-fold F "
+                   + " ".join(flags_) + f" (seeds 0-{ensemble - 1} trained on the other "
+                   "folds, tested on fold F; the ensemble averages the members' class "
+                   "probabilities). The single model is member 0 (seed 0)."),
+      "command": ("python benchmarks/classify_experiment.py --mr-cv --data-dir DIR "
+                  f"--out OUT --ensemble {ensemble}"
+                  + "".join(f" --set {x}" for x in extra[1::2])),
+      "date": datetime.date.today().isoformat(),
+      "versions": versions,
+      "final": {
+          "config": "mr " + " ".join(flags_),
+          "folds": folds,
+          "per_fold_test_acc": ens.tolist(),
+          "mean": float(ens.mean()), "std": float(ens.std()),  # over folds, ddof=0
+          "per_fold_member_test_acc": members.tolist(),
+          "single_model_seed0_test_acc": members[:, 0].tolist(),
+          "single_model_seed0_mean": float(members[:, 0].mean()),
+          "single_model_seed0_std": float(members[:, 0].std()),
+          "member_mean_test_acc_by_seed": members.mean(axis=0).tolist(),
+          "member_mean_test_acc": float(members.mean()),
+      },
+      "wall_seconds_per_fold": {str(f): s for f, s in seconds.items()},
+      "wall_seconds_total": float(sum(seconds.values())),
+      "loadavg_after_fold": {str(f): list(l) for f, l in loads.items()},
+  }
+  if results_dir is not None:
+    results_dir = pathlib.Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    import jax  # pylint: disable=import-outside-toplevel
+    path = results_dir / (f"mr-{len(folds)}fold-cv-{jax.default_backend()}-{result['date']}"
+                          f"-ensemble{ensemble}.json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[mr-cv] written to {path}", flush=True)
+  return result
+
+
 def plot(results: dict, path) -> bool:
   """Gradient-norm traces (log scale) with final test accuracy; False without matplotlib."""
   try:
@@ -120,7 +230,23 @@ def main(argv=None) -> int:
   p.add_argument("--value", type=float, default=0.05, help="clip_by_value bound")
   p.add_argument("--adaptive", choices=ADAPTIVE, default="zclip")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mr-cv", action="store_true",
+                 help="run MR's 10-fold cross-validation (gradclip classify --mr-fold F "
+                      "--set valid_fraction=0 --set ensemble=K per fold) instead")
+  p.add_argument("--folds", type=int, nargs="+", default=list(range(10)),
+                 help="--mr-cv: the folds to run (default 0-9)")
+  p.add_argument("--ensemble", type=int, default=5, help="--mr-cv: models per fold")
+  p.add_argument("--results-dir", type=pathlib.Path, default=pathlib.Path("results"),
+                 help="--mr-cv: where the result file goes (default results/)")
   a = p.parse_args(argv)
+  if a.mr_cv:
+    extra = tuple(x for s in a.set for x in ("--set", s))
+    r = mr_cross_validation(a.data_dir, a.out, folds=a.folds, ensemble=a.ensemble,
+                            results_dir=a.results_dir, extra=extra)["final"]
+    print(f"ensemble: {100 * r['mean']:.2f}% (std {100 * r['std']:.2f}); single model "
+          f"(seed 0): {100 * r['single_model_seed0_mean']:.2f}% "
+          f"(std {100 * r['single_model_seed0_std']:.2f})")
+    return 0
   results = run_experiment(a.data_dir, a.out, dataset=a.dataset, max_steps=a.max_steps,
                            optimizer=a.optimizer, learning_rate=a.learning_rate,
                            global_norm=a.global_norm, value=a.value, adaptive=a.adaptive,
