@@ -187,24 +187,110 @@ def rescue_limits(dtype: Any) -> tuple:
   return low, 2.0 ** -k
 
 
-def _rescue_factor(s: Array, p: float) -> tuple:
-  """(needs rescue, factor r) for sums ``s`` of ``|x|^p``, p in (1, 2)."""
-  low, down = rescue_limits(s.dtype)
+def _opaque_factors(dtype: Any) -> tuple:
+  """``(r, 1 / r)`` of :func:`rescue_limits` in ``dtype``, as values XLA cannot fold.
+
+  With constant factors XLA's algebraic simplifier rewrites ``(x r) * (x r)`` as
+  ``(x * x) * r**2``, and ``r**2`` (``2**-160`` in float32) is 0, or ``inf`` for
+  ``1 / r``: the very overflow and underflow the factors are there to avoid. Passed
+  through an optimization barrier, they are scalars XLA cannot see into (and still
+  fuses into the reductions).
+  """
+  _, down = rescue_limits(dtype)
+  return tuple(lax.optimization_barrier((jnp.asarray(down, dtype),
+                                         jnp.asarray(1.0 / down, dtype))))
+
+
+def rescue_sums(x: Array, p: float, dtype: Any, axes=None, keepdims=False) -> list:
+  """``[s, t_over]`` (``p = 1``) or ``[s, t_over, t_under]`` (``p = 2``) of ``x``.
+
+  ``s = sum |x|^p`` in ``x``'s accumulation dtype; ``t_over = sum |x r|^p`` and
+  ``t_under = sum |clip(x, -1, 1) / r|^p`` in ``dtype`` (the norm's), with ``r`` of
+  :func:`rescue_limits`: the plain sum and the two rescued ones (see
+  :func:`rescued_root`). They are sibling reductions of the same entries, which XLA
+  fuses into one kernel that reads ``x`` once (on GPU, for sums that keep the minor
+  axis, with the help of :func:`gradclip_jax._tuning.gpu_column_pairs`), and whose
+  partial sums a sharded program combines in one all-reduce. The clip keeps
+  ``x / r`` finite for every finite ``x`` (the underflow sum is only used when every
+  entry is below ``sqrt(low)``, far below 1, where the clip changes nothing), so the
+  derivative of a norm that does not use ``t_under`` stays finite.
+  """
+  down, up = _opaque_factors(dtype)
+  w = x.astype(_wide(x, dtype))
+  terms = [_power_acc(x, p), _power_acc(w * down, p)]
+  if p != 1.0:
+    if jnp.iscomplexobj(w):
+      small = lax.complex(jnp.clip(w.real, -1.0, 1.0), jnp.clip(w.imag, -1.0, 1.0))
+    else:
+      small = jnp.clip(w, -1.0, 1.0)
+    terms.append(_power_acc(small * up, p))
+  axes = tuple(range(x.ndim)) if axes is None else tuple(axes)
+
+  def plain(terms):
+    return [jnp.sum(t, axis=axes) for t in terms]
+
+  minor_kept = x.ndim >= 2 and x.ndim - 1 not in axes
+  sums = _tuning.gpu_column_pairs(terms, axes, plain) if minor_kept else plain(terms)
+  if keepdims:
+    kept = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    sums = [jnp.reshape(t, kept) for t in sums]
+  return sums
+
+
+def needs_rescue(s: Array, p: float) -> Array:
+  """Whether a plain sum ``s`` of ``|x|^p`` over- or (``p = 2``) underflowed."""
   over = jnp.isposinf(s)
   if p == 1.0:  # a sum of |x| cannot lose entries to underflow that matter
-    return over, jnp.where(over, jnp.asarray(down, s.dtype), jnp.ones((), s.dtype))
+    return over
+  low, _ = rescue_limits(s.dtype)
+  return over | (s < low)
+
+
+def rescue_factor(s: Array, p: float) -> tuple:
+  """(needs rescue, ``r``) for plain sums ``s``: ``r`` of the rescue each one needs.
+
+  ``r`` is :func:`rescue_limits`' factor where ``s`` overflowed, its inverse where it
+  underflowed (``p = 2``), 1 elsewhere: the factor of a second pass
+  (:func:`scaled_sum`) that computes only the rescued sums that are used, as the CPU
+  form does after an over- or underflow (:func:`gradclip_jax._tuning.overflow_cond`).
+  """
+  low, down = rescue_limits(s.dtype)
+  over = jnp.isposinf(s)
+  one = jnp.ones((), s.dtype)
+  if p == 1.0:
+    return over, jnp.where(over, jnp.asarray(down, s.dtype), one)
   under = s < low
   r = jnp.where(over, jnp.asarray(down, s.dtype),
-                jnp.where(under, jnp.asarray(1.0 / down, s.dtype),
-                          jnp.ones((), s.dtype)))
+                jnp.where(under, jnp.asarray(1.0 / down, s.dtype), one))
   return over | under, r
 
 
-def _scaled_sum(x: Array, r: Array, p: float, dtype, axes=None,
-                keepdims=False) -> Array:
-  """sum |x r|^p in ``dtype`` (``r`` an exact power of two; broadcasts)."""
+def scaled_sum(x: Array, r: Array, p: float, dtype, axes=None, keepdims=False) -> Array:
+  """``sum |x r|^p`` in ``dtype`` (``r`` from :func:`rescue_factor`; broadcasts).
+
+  Where ``r`` is used it gives the same terms, bit for bit, as the matching rescued
+  sum of :func:`rescue_sums` (the clip there changes no entry of an underflowed sum).
+  """
   return jnp.sum(_power_acc(x.astype(_wide(x, dtype)) * r, p), axis=axes,
                  keepdims=keepdims)
+
+
+def rescued_root(sums: Sequence[Array], p: float) -> Array:
+  """The Lp norm from :func:`rescue_sums`' sums: the plain root, or a rescued one.
+
+  ``root(t_over) / r`` where ``s`` overflowed, ``root(t_under) * r`` where it
+  underflowed (``p = 2``), ``root(s)`` elsewhere; ``r`` is an exact power of two, so
+  the rescaling is exact. Broadcasts (one choice per entry of per-unit sums).
+  """
+  s, t_over = sums[0], sums[1]
+  dtype = t_over.dtype
+  _, down = rescue_limits(dtype)
+  s = s.astype(dtype)
+  norm = jnp.where(jnp.isposinf(s), safe_root(t_over, p) / down, safe_root(s, p))
+  if p != 1.0:
+    low, _ = rescue_limits(dtype)
+    norm = jnp.where(s < low, safe_root(sums[2], p) * down, norm)
+  return norm
 
 
 def _wide(x: Array, real_dtype) -> Any:
@@ -294,20 +380,26 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
   if p not in (1.0, 2.0):
     # |x|^p over- or underflows for moderate x when p is large: always rescale.
     return _scaled_norm(leaves, p, axis_name)
-  s = _psum(stacked_sum([jnp.sum(_power_acc(x, p)) for x in leaves], dtype),
-            axis_name)
-  needs, r = _rescue_factor(s, p)
 
-  def rescued(leaves, s, needs, r):
-    t = _psum(stacked_sum([_scaled_sum(x, r, p, dtype) for x in leaves], dtype),
+  def one_pass(leaves):
+    sums = [rescue_sums(x, p, dtype) for x in leaves]
+    totals = jnp.stack([stacked_sum([s[i] for s in sums], dtype)
+                        for i in range(len(sums[0]))])
+    return rescued_root(list(_psum(totals, axis_name)), p)
+
+  def plain_sum(leaves):
+    s = stacked_sum([jnp.sum(_power_acc(x, p)) for x in leaves], dtype)
+    return _psum(s, axis_name)
+
+  def rescue(leaves, s):
+    needs, r = rescue_factor(s, p)
+    t = _psum(stacked_sum([scaled_sum(x, r, p, dtype) for x in leaves], dtype),
               axis_name)
     return jnp.where(needs, safe_root(t, p) / r, safe_root(s, p))
 
-  def plain(leaves, s, needs, r):
-    del leaves, needs, r
-    return safe_root(s, p)
-
-  return _tuning.overflow_cond(needs, rescued, plain, leaves, s, needs, r)
+  return _tuning.overflow_cond(
+      plain_sum, lambda s: needs_rescue(s, p), lambda s: safe_root(s, p), rescue,
+      one_pass, leaves)
 
 
 def _tree_norm_traced_p(leaves, p, axis_name):
@@ -393,29 +485,34 @@ class LeafGroups:
   def norms(self, stacked: Sequence[Array]) -> list:
     """L2 norm of every leaf (or unit) of every group, keepdims, rescued.
 
-    Each group's norms are in its leaves' real accumulation dtype. One rescue
-    decision covers every group (see :func:`gradclip_jax._tuning.overflow_cond`).
+    Each group's norms are in its leaves' real accumulation dtype. The plain and
+    the rescued sums are one reduction per group (:func:`rescue_sums`); on CPU one
+    rescue decision covers every group (:func:`gradclip_jax._tuning.overflow_cond`).
     """
     stacked = list(stacked)
     if not stacked:
       return []
     axes = [self.reduce_axes(j) for j in range(len(stacked))]
-    sums = [jnp.sum(_sq_acc(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
-    checks = [_rescue_factor(s, 2.0) for s in sums]
 
-    def rescued(stacked, sums, checks):
+    def one_pass(stacked):
+      return [rescued_root(rescue_sums(x, 2.0, real_acc_dtype(x.dtype), a,
+                                       keepdims=True), 2.0)
+              for x, a in zip(stacked, axes)]
+
+    def plain_sums(stacked):
+      return [jnp.sum(_sq_acc(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
+
+    def rescue(stacked, sums):
       out = []
-      for x, a, s, (needs, r) in zip(stacked, axes, sums, checks):
-        t = _scaled_sum(x, r, 2.0, s.dtype, a, keepdims=True)
+      for x, a, s in zip(stacked, axes, sums):
+        needs, r = rescue_factor(s, 2.0)
+        t = scaled_sum(x, r, 2.0, s.dtype, a, keepdims=True)
         out.append(jnp.where(needs, safe_root(t, 2.0) / r, safe_root(s, 2.0)))
       return out
 
-    def plain(stacked, sums, checks):
-      del stacked, checks
-      return [safe_root(s, 2.0) for s in sums]
-
-    return _tuning.overflow_cond(stacked_any([n for n, _ in checks]), rescued, plain,
-                                 stacked, sums, checks)
+    return _tuning.overflow_cond(
+        plain_sums, lambda sums: stacked_any([needs_rescue(s, 2.0) for s in sums]),
+        lambda sums: [safe_root(s, 2.0) for s in sums], rescue, one_pass, stacked)
 
   def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
     """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``."""
