@@ -8,37 +8,46 @@ the optimized HLO module, fusion decisions included, on any host. This script co
 * each standalone rule (``benchmarks/run.py``'s list, threshold passed at run time,
   gradient donated) on the trees of ``run.py`` in float32 and bfloat16, next to the
   in-place copy ``g * t`` (the bandwidth limit) and Optax's rules;
-* each ``rule + adam`` step of ``benchmarks/clip_overhead.py`` (params and state
-  donated) next to adam alone;
+* each ``rule + adam`` step (``compiled_programs.step_optimizers``: the 25M tree of
+  ``clip_overhead.py`` in float32, float32 or bfloat16 gradients, params and state
+  donated) next to adam alone and Optax's rules, as ``tpu_programs.py`` compiles it
+  for a TPU;
 
 and counts, for every kernel of the module's entry computation, the bytes of its
-operands (read) and of its results (written). That is a model, not a timing: it
-assumes every operand is read once in full and every result written once, and it
-knows nothing of caches. What it shows exactly is where XLA inserts a defensive copy,
-materialises an intermediate, or splits a pass in two, which are the differences that
-decide a memory-bound kernel's speed. Timings need a device: ``benchmarks/run.py``.
+operands (read) and of its results (written) (``compiled_programs.kernels``, shared
+with the TPU script). That is a model, not a timing: it assumes every operand is read
+once in full and every result written once, and it knows nothing of caches. What it
+shows exactly is where XLA inserts a defensive copy, materialises an intermediate, or
+splits a pass in two, which are the differences that decide a memory-bound kernel's
+speed. Timings need a device: ``benchmarks/run.py``. ``--ab-workarounds`` compiles the
+AGC step again with the GPU workaround ``gpu_column_pairs`` off (the same-run evidence
+that keeps it).
 
-Needs the CUDA plugin (``pip install "jax[cuda12]"``, same version as jaxlib; in a
-separate virtual environment on a machine without a GPU, where the plugin would only
-print warnings at every import). On a host with a GPU the local device is the target;
+Needs the CUDA plugin at jax's version (``pip install
+"jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"``; in a separate
+virtual environment on a machine without a GPU, where the plugin would only print
+warnings at every import). On a host with a GPU the local device is the target;
 elsewhere ``--target`` names a ``GpuTargetConfig`` text proto (``h100.txtpb`` beside
 this script: an H100 SXM's published figures, sm_90, 132 SMs, 50 MB L2).
 
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 \\
-        python benchmarks/gpu_traffic.py [--quick] [--json results/gpu-traffic.json]
+        python benchmarks/gpu_traffic.py [--quick] [--fused-only] [--ab-workarounds] \\
+        [--json FILE.json] [--md FILE.md]
 
 On this project's CPU machine (jax 0.10.2 with jax-cuda12-plugin 0.10.2, 2026-11-27),
 the one 25M-entry f32 leaf: copy 200 MB; ``optax.clip`` 200 MB in 1 kernel; our
 ``clip_by_value`` 300 MB before its GPU form (max/min reductions, then a selected
-write) and 200 MB after (the clip and its ``any`` fused into one kernel).
+write) and 200 MB after (the clip and its hit flag fused into one kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
-import re
+import platform
 import sys
 
 import jax
@@ -46,15 +55,16 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import clip_overhead  # noqa: E402  (benchmarks/clip_overhead.py)
+import compiled_programs as cp  # noqa: E402  (benchmarks/compiled_programs.py)
 import run as suite  # noqa: E402  (benchmarks/run.py)
 
+from gradclip_jax import config  # noqa: E402
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4,
-             "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-# Instructions that launch no kernel and move no data.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-         "opt-barrier", "optimization-barrier"}
+# The traffic model lives in compiled_programs (shared with tpu_programs.py).
+kernels = cp.kernels
+shape_bytes = cp.shape_bytes
+summary = cp.summary
 
 
 def gpu_device(target: str):
@@ -78,44 +88,6 @@ def gpu_device(target: str):
         "version and run with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a host without a "
         f"GPU ({e})")
   return topo.devices[0]
-
-
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape string such as ``(f32[], bf16[1024,64]{1,0})``."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * _ITEMSIZE.get(dtype, 0)
-  return total
-
-
-_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*?)\)(.*)$")
-
-
-def kernels(hlo_text: str) -> list:
-  """``[(name, opcode, bytes read, bytes written)]`` for the entry computation."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  shapes, rows = {}, []
-  for line in entry.splitlines()[1:]:
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    name, shape, op, args, _ = m.groups()
-    shapes[name] = shape
-    if op in _FREE:
-      continue
-    read = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", args))
-    rows.append((name, op, read, shape_bytes(shape)))
-  return rows
-
-
-def summary(compiled) -> dict:
-  rows = kernels(compiled.as_text())
-  return {"kernels": len(rows),
-          "read_mb": sum(r[2] for r in rows) / 1e6,
-          "write_mb": sum(r[3] for r in rows) / 1e6}
 
 
 def _on(device, tree):
@@ -151,19 +123,25 @@ def standalone(device, shape, dtype) -> dict:
   return out
 
 
-def fused_step(device, dtype) -> dict:
-  """name -> traffic of ``p, s = step(p, s, g)`` with params and state donated."""
-  params = jax.eval_shape(lambda: clip_overhead.make_tree("25M", jnp.dtype(dtype)))
+def fused_step(device, dtype, names=None) -> dict:
+  """name -> traffic of ``p, s = step(p, s, g)``: f32 params, ``dtype`` gradients."""
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  makers = cp.step_optimizers()
   out = {}
-  for name, make in clip_overhead.optimizers(adaptive=True).items():
-    tx = make()
+  for name in names or makers:
+    out[name] = cp.summary(cp.compile_step(makers[name], dtype, lambda x: sharding,
+                                           "cuda"))
+  return out
 
-    def step(p, s, g, tx=tx):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
 
-    state = jax.eval_shape(tx.init, params)
-    out[name] = summary(_compile(step, _on(device, (params, state, params)), donate=(0, 1)))
+def workaround_ab(device, dtype) -> dict:
+  """The AGC + adam step with the GPU workaround on and off (and adam alone)."""
+  out = fused_step(device, dtype, ["adam alone", "adaptive_grad_clip"])
+  with config.backend_tuning_set(True, disabled=["gpu_column_pairs"]):
+    jax.clear_caches()
+    out["adaptive_grad_clip, gpu_column_pairs off"] = fused_step(
+        device, dtype, ["adaptive_grad_clip"])["adaptive_grad_clip"]
+  jax.clear_caches()
   return out
 
 
@@ -178,34 +156,81 @@ def table(rows: dict, base: str, label: str) -> str:
   return "\n".join(lines)
 
 
+def fused_table(rows: dict, dtype: str) -> str:
+  """The fused steps over adam alone, with the issue's limits and Optax's rules."""
+  rows = cp.ratio_rows(rows)
+  lines = ["| optimizer | kernels | HBM MB | / adam alone | limit | temp MB |",
+           "|---|---:|---:|---:|---|---:|"]
+  for name, r in rows.items():
+    temp = "" if r["temp_mb"] is None else f"{r['temp_mb']:.1f}"
+    lines.append(f"| {name} | {r['kernels']} | {r['hbm_mb']:.0f} | "
+                 f"{r['hbm_ratio']:.3f} | {cp.verdict(name, rows, dtype)} | {temp} |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--target", default=os.path.join(_HERE, "h100.txtpb"),
                   help="GpuTargetConfig text proto, used when no GPU is attached")
   ap.add_argument("--quick", action="store_true", help="one-leaf f32 standalone only")
+  ap.add_argument("--fused-only", action="store_true",
+                  help="only the rule + adam steps (and the workaround A/B)")
+  ap.add_argument("--ab-workarounds", action="store_true",
+                  help="also the AGC step with the GPU workaround off")
   ap.add_argument("--json", help="also write the numbers to this file")
+  ap.add_argument("--md", help="also write the markdown report to this file")
   args = ap.parse_args(argv)
   device = gpu_device(args.target)
-  print(f"# Memory traffic of the compiled GPU programs ({device.device_kind}; "
-        f"jax {jax.__version__}, optax {optax.__version__})\n")
-  result = {"device": device.device_kind, "jax": jax.__version__, "standalone": {},
-            "fused_step": {}}
+  versions = {"jax": jax.__version__, "optax": optax.__version__}
+  for dist in ("jaxlib", "jax-cuda12-plugin"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  head = (f"# Memory traffic of the compiled GPU programs ({device.device_kind})\n\n"
+          f"{datetime.date.today().isoformat()}, "
+          f"{', '.join(f'{k} {v}' for k, v in versions.items())}; host "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n"
+          f"Command: `python benchmarks/gpu_traffic.py"
+          f"{' ' + ' '.join(sys.argv[1:]) if argv is None and sys.argv[1:] else ''}`."
+          f"\n")
+  print(head, flush=True)
+  report = [head]
+  result = {"device": device.device_kind, "versions": versions, "standalone": {},
+            "fused_step": {}, "workaround_ab": {}}
   shapes = ["one 25M leaf"] if args.quick else ["one 25M leaf", "transformer 25M",
                                                "1000 small leaves"]
   for dtype in (["float32"] if args.quick else ["float32", "bfloat16"]):
-    for shape in shapes:
-      rows = standalone(device, shape, dtype)
-      result["standalone"][f"{shape}, {dtype}"] = rows
-      print(f"## Standalone clip, {shape}, {dtype}\n\n{table(rows, suite.COPY, 'rule')}\n",
-            flush=True)
-    if not args.quick:
-      rows = fused_step(device, dtype)
-      result["fused_step"][dtype] = rows
-      print(f"## Rule + adam step, 25M tree, {dtype}\n\n"
-            f"{table(rows, 'adam alone', 'optimizer')}\n", flush=True)
+    if not args.fused_only:
+      for shape in shapes:
+        rows = standalone(device, shape, dtype)
+        result["standalone"][f"{shape}, {dtype}"] = rows
+        section = (f"## Standalone clip, {shape}, {dtype}\n\n"
+                   f"{table(rows, suite.COPY, 'rule')}\n")
+        print(section, flush=True)
+        report.append(section)
+    if args.quick:
+      continue
+    rows = fused_step(device, dtype)
+    result["fused_step"][dtype] = rows
+    section = (f"## Rule + adam step, 25M float32 tree, {dtype} gradients\n\n"
+               f"{fused_table(rows, dtype)}\n")
+    print(section, flush=True)
+    report.append(section)
+    if args.ab_workarounds:
+      rows = workaround_ab(device, dtype)
+      result["workaround_ab"][dtype] = rows
+      section = (f"## GPU workaround gpu_column_pairs on and off, {dtype} gradients\n\n"
+                 f"{fused_table(rows, dtype)}\n")
+      print(section, flush=True)
+      report.append(section)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
+  if args.md:
+    with open(args.md, "w", encoding="utf-8") as f:
+      f.write("\n".join(report))
 
 
 if __name__ == "__main__":

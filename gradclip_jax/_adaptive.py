@@ -59,16 +59,7 @@ import optax
 from gradclip_jax import _clipping
 from gradclip_jax import _norms
 from gradclip_jax import _tuning
-
-
-_zero_count = _norms.zero_count
-_check_range = _norms.check_range
-_check_int = _norms.check_int
-
-
-def _state_dtype(params: Any):
-  """The dtype of the statistics kept in a state: the params' accumulation dtype."""
-  return _norms.norm_dtype(_norms.leaves_of(params))
+from gradclip_jax import _validate
 
 
 def _as(x, dtype) -> jax.Array:
@@ -82,7 +73,7 @@ def _is_finite_and_count(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _global_norm_and_count(updates) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The checked tree's L2 norm, whether it is finite, and that as an int32 count."""
-  _norms.check_gradient_tree(updates)
+  _validate.check_gradient_tree(updates)
   norm = _norms.tree_norm(_norms.leaves_of(updates))
   return (norm, *_is_finite_and_count(norm))
 
@@ -116,7 +107,7 @@ def unitwise_axes(ndim: int, axis: Any = None) -> Optional[tuple[int, ...]]:
     return None
   if axis is None:
     return tuple(range(ndim - 1))
-  return _norms.unit_axes(axis, ndim, "adaptive_grad_clip axis")
+  return _validate.unit_axes(axis, ndim, "adaptive_grad_clip axis")
 
 
 def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
@@ -179,24 +170,24 @@ def adaptive_grad_clip(clipping: Any = 0.01, eps: Any = 1e-3,
     >>> updates["w"].ravel().tolist(), float(state.max_ratio), int(state.num_clipped)
     ([0.0, 0.5], 0.4000000059604645, 1)
   """
-  _norms.check_threshold("clipping", clipping, scalar=True)
-  _norms.check_threshold("eps", eps, scalar=True)
+  _validate.check_threshold("clipping", clipping, scalar=True)
+  _validate.check_threshold("eps", eps, scalar=True)
   if axis is not None and not isinstance(axis, (numbers.Integral, np.integer, tuple,
                                                 list)):
     raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
 
   def init_fn(params):
-    dtype = _state_dtype(params)
+    dtype = _clipping.state_dtype(params)
     return AdaptiveGradClipState(global_norm=_norms.zero_of(dtype),
                                  max_ratio=_norms.zero_of(dtype),
-                                 num_clipped=_zero_count())
+                                 num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("adaptive_grad_clip needs params: call "
                        "tx.update(grads, state, params)")
-    _norms.check_gradient_tree(updates)
-    _norms.check_gradient_tree(params, "parameter")
+    _validate.check_gradient_tree(updates)
+    _validate.check_gradient_tree(params, "parameter")
     g_leaves, treedef = jax.tree.flatten(updates)
     try:
       w_leaves = treedef.flatten_up_to(params)
@@ -315,17 +306,17 @@ def autoclip(percentile: Any = 10.0,
     >>> float(state.max_norm), u["w"].tolist()    # median of 1, 3, 2, 8
     (2.5, [2.5])
   """
-  _check_range("percentile", percentile, 0.0, 100.0)
-  _check_int("history_size", history_size, 1, static=True)
+  _validate.check_range("percentile", percentile, 0.0, 100.0)
+  _validate.check_int("history_size", history_size, 1, static=True)
   size = int(history_size)
 
   def init_fn(params):
-    dtype = _state_dtype(params)
+    dtype = _clipping.state_dtype(params)
     return AutoClipState(norm_history=jnp.zeros((size,), dtype),
-                         count=_zero_count(),
+                         count=_norms.zero_count(),
                          global_norm=_norms.zero_of(dtype),
                          max_norm=jnp.full((), jnp.inf, dtype),
-                         num_clipped=_zero_count())
+                         num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
     del params
@@ -420,20 +411,21 @@ def zclip(alpha: Any = 0.97, z_threshold: Any = 2.5, warmup_steps: Any = 25,
     >>> round(float(u["w"][0]), 4)    # 2 + 2.5 * 1 / (10 / 2.5)
     2.625
   """
-  _check_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  _check_range("z_threshold", z_threshold, 0.0, math.inf, lo_open=True)
-  _check_int("warmup_steps", warmup_steps, 0)
+  _validate.check_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  _validate.check_range("z_threshold", z_threshold, 0.0, math.inf, lo_open=True)
+  _validate.check_int("warmup_steps", warmup_steps, 0)
   if max_norm is not None:
-    _norms.check_threshold("max_norm", max_norm, scalar=True)
-  _norms.check_threshold("eps", eps, scalar=True)
+    _validate.check_threshold("max_norm", max_norm, scalar=True)
+  _validate.check_threshold("eps", eps, scalar=True)
 
   def init_fn(params):
     # Distinct buffers per field, so the state can be donated to a jitted step.
-    dtype = _state_dtype(params)
+    dtype = _clipping.state_dtype(params)
     zero = lambda: _norms.zero_of(dtype)
-    return ZClipState(mean=zero(), var=zero(), count=_zero_count(), global_norm=zero(),
+    return ZClipState(mean=zero(), var=zero(), count=_norms.zero_count(),
+                      global_norm=zero(),
                       max_norm=jnp.full((), jnp.inf, dtype),
-                      num_clipped=_zero_count())
+                      num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
     del params
@@ -550,22 +542,22 @@ def adagc(lambda_abs: Any = 1.0, lambda_rel: Any = 1.05, beta: Any = 0.98,
     >>> state.gamma["a"].tolist(), state.gamma["b"].tolist()
     (1.0, 1.5)
   """
-  _norms.check_threshold("lambda_abs", lambda_abs, scalar=True)
-  _norms.check_threshold("lambda_rel", lambda_rel, scalar=True)
-  _check_range("beta", beta, 0.0, 1.0, hi_open=True)
-  _check_int("warmup_steps", warmup_steps, 0)
+  _validate.check_threshold("lambda_abs", lambda_abs, scalar=True)
+  _validate.check_threshold("lambda_rel", lambda_rel, scalar=True)
+  _validate.check_range("beta", beta, 0.0, 1.0, hi_open=True)
+  _validate.check_int("warmup_steps", warmup_steps, 0)
 
   def init_fn(params):
-    dtype = _state_dtype(params)
+    dtype = _clipping.state_dtype(params)
     return AdaGCState(
         gamma=jax.tree.map(lambda p: jnp.full(
-            (), jnp.inf, _norms.real_acc_dtype(_norms.dtype_of(p))), params),
-        count=_zero_count(), global_norm=_norms.zero_of(dtype),
-        max_norm=jnp.full((), jnp.inf, dtype), num_clipped=_zero_count())
+            (), jnp.inf, _norms.real_acc_dtype(_validate.dtype_of(p))), params),
+        count=_norms.zero_count(), global_norm=_norms.zero_of(dtype),
+        max_norm=jnp.full((), jnp.inf, dtype), num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     leaves, treedef = jax.tree.flatten(updates)
     try:
       gammas = treedef.flatten_up_to(state.gamma)
@@ -684,21 +676,22 @@ def skip_spikes(inner: optax.GradientTransformation, threshold: Any = 6.0,
   if not (hasattr(inner, "init") and hasattr(inner, "update")):
     raise TypeError(f"skip_spikes wraps an optax.GradientTransformation, got "
                     f"{type(inner).__name__}")
-  _norms.check_threshold("threshold", threshold, scalar=True)
-  _check_range("ema_decay", ema_decay, 0.0, 1.0, hi_open=True)
-  _check_int("min_count", min_count, 0)
+  _validate.check_threshold("threshold", threshold, scalar=True)
+  _validate.check_range("ema_decay", ema_decay, 0.0, 1.0, hi_open=True)
+  _validate.check_int("min_count", min_count, 0)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    dtype = _state_dtype(params)
+    dtype = _clipping.state_dtype(params)
     zero = lambda: _norms.zero_of(dtype)  # distinct buffers: donatable state
     return SkipSpikesState(
-        inner_state=inner.init(params), mean=zero(), var=zero(), count=_zero_count(),
+        inner_state=inner.init(params), mean=zero(), var=zero(),
+        count=_norms.zero_count(),
         global_norm=zero(), max_norm=jnp.full((), jnp.inf, dtype),
-        num_skipped=_zero_count(), num_clipped=_zero_count())
+        num_skipped=_norms.zero_count(), num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None, **extra_args):
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     norm = _norms.tree_norm(_tuning.norm_apart(_norms.leaves_of(updates)))
     finite = jnp.isfinite(norm)
     dtype = state.mean.dtype

@@ -15,17 +15,17 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gradclip_jax import _norms
 from gradclip_jax import _tuning
+from gradclip_jax import _validate
 from gradclip_jax._norms import AxisName
 
 NONFINITE_POLICIES = ("propagate", "zero", "error")
 
 
-def _state_dtype(params: Any):
+def state_dtype(params: Any):
   """The dtype of the norms kept in a state: the params' accumulation dtype."""
   return _norms.norm_dtype(_norms.leaves_of(params))
 
@@ -38,27 +38,18 @@ class ClipByValueState(NamedTuple):
   num_clipped: jax.Array  # int32: steps in which some entry hit a bound (or was NaN).
 
 
-def _check_value_bounds(min_value, max_value) -> None:
-  for name, v in (("min_value", min_value), ("max_value", max_value)):
-    for path, leaf in _norms.leaf_paths(v):
-      label = name if path == "<root>" else f"{name}{path}"
-      if _norms.is_concrete(leaf):
-        arr = _norms.as_real_array(label, leaf)
-        if np.isnan(arr).any():
-          raise ValueError(f"{label} is NaN")
-  lo, hi = jax.tree.leaves(min_value), jax.tree.leaves(max_value)
-  if len(lo) == len(hi):
-    for a, b in zip(lo, hi):
-      if _norms.is_concrete(a) and _norms.is_concrete(b) and bool(
-          np.any(np.asarray(a, np.float64) > np.asarray(b, np.float64))):
-        raise ValueError(f"clip_by_value needs min_value <= max_value, got "
-                         f"min_value={a} > max_value={b}")
-
-
 def _value_clip(leaves, bounds):
-  """(clipped leaves, per-leaf hit flags): ``jnp.clip`` and the range test."""
+  """(clipped leaves, per-leaf hit flags): ``jnp.clip`` and the range test.
+
+  The flag is the max of a 0/1 float mask (1 where an entry is outside ``[a, b]``
+  or NaN), not an ``any`` over booleans: XLA:TPU fuses that float max into the
+  kernel that reads the gradients for the optimizer update, so the flag costs no
+  pass of its own (``benchmarks/tpu_programs.py``: clip_by_value + adam moves the
+  bytes of adam alone); it did not fuse the boolean ``any``. XLA:GPU fuses either.
+  """
   out = [jnp.clip(g, a, b) for g, (a, b) in zip(leaves, bounds)]
-  hits = [jnp.any(~((g >= a) & (g <= b))) for g, (a, b) in zip(leaves, bounds)]
+  hits = [jnp.max(jnp.where((g >= a) & (g <= b), 0.0, 1.0), initial=0.0) > 0
+          for g, (a, b) in zip(leaves, bounds)]
   return out, hits
 
 
@@ -97,7 +88,7 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
     >>> updates["w"].tolist(), int(state.num_clipped)
     ([-1.0, 0.5, 1.0], 1)
   """
-  _check_value_bounds(min_value, max_value)
+  _validate.check_value_bounds(min_value, max_value)
 
   def init_fn(params):
     del params
@@ -105,10 +96,10 @@ def clip_by_value(min_value: Any, max_value: Any) -> optax.GradientTransformatio
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     shape = lambda g: jnp.shape(g)
-    lo = _norms.broadcast_thresholds("min_value", min_value, updates, shape)
-    hi = _norms.broadcast_thresholds("max_value", max_value, updates, shape)
+    lo = _validate.broadcast_thresholds("min_value", min_value, updates, shape)
+    hi = _validate.broadcast_thresholds("max_value", max_value, updates, shape)
     leaves, treedef = jax.tree.flatten(updates)
     bounds = [(jnp.asarray(a, g.dtype), jnp.asarray(b, g.dtype)) for g, a, b in
               zip(leaves, jax.tree.leaves(lo), jax.tree.leaves(hi))]
@@ -136,16 +127,16 @@ def per_leaf_clip(updates, max_norm, axes, average: bool):
   ``c = max_norm * t.size`` for the average norm. Norms and scales are computed per
   :class:`~gradclip_jax._norms.LeafGroups` group (small leaves of one shape batched).
   """
-  _norms.check_gradient_tree(updates)
-  leaf_axes = lambda g: None if average else _norms.unit_axes(axes, jnp.ndim(g))
-  target = lambda g: _norms.kept_shape(jnp.shape(g), leaf_axes(g))
-  thresholds = _norms.broadcast_thresholds("max_norm", max_norm, updates, target)
+  _validate.check_gradient_tree(updates)
+  leaf_axes = lambda g: None if average else _validate.unit_axes(axes, jnp.ndim(g))
+  target = lambda g: _validate.kept_shape(jnp.shape(g), leaf_axes(g))
+  thresholds = _validate.broadcast_thresholds("max_norm", max_norm, updates, target)
   leaves, treedef = jax.tree.flatten(updates)
   if not leaves:
     return updates, jnp.zeros((), jnp.float32), jnp.zeros((), bool)
   groups = _norms.LeafGroups(leaves, [leaf_axes(g) for g in leaves])
   norms = groups.norms(groups.stack(leaves))
-  if _norms.is_scalar_threshold(max_norm):
+  if _validate.is_scalar_threshold(max_norm):
     limits = [max_norm] * len(norms)
   else:
     limits = groups.stack([jnp.broadcast_to(jnp.asarray(c), target(g))
@@ -163,10 +154,10 @@ def per_leaf_clip(updates, max_norm, axes, average: bool):
 
 
 def _per_leaf_transform(max_norm, axes, average):
-  _norms.check_threshold("max_norm", max_norm)
+  _validate.check_threshold("max_norm", max_norm)
 
   def init_fn(params):
-    return ClipByNormState(global_norm=_norms.zero_of(_state_dtype(params)),
+    return ClipByNormState(global_norm=_norms.zero_of(state_dtype(params)),
                            num_clipped=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
@@ -352,22 +343,22 @@ def clip_by_global_norm(max_norm: Any, *, norm_type: float = 2.0,
     >>> updates["w"].tolist()
     [-0.06000000238418579, -0.08000000566244125]
   """
-  if not _norms.is_scalar_threshold(max_norm):
+  if not _validate.is_scalar_threshold(max_norm):
     raise TypeError("clip_by_global_norm takes one scalar max_norm for the whole "
                     "tree; use clip_by_norm for per-leaf thresholds")
-  _norms.check_threshold("max_norm", max_norm)
-  p = _norms.check_norm_type(norm_type)
+  _validate.check_threshold("max_norm", max_norm)
+  p = _validate.check_norm_type(norm_type)
   check_nonfinite_policy(nonfinite)
 
   def init_fn(params):
-    dtype = _state_dtype(params)
+    dtype = state_dtype(params)
     return ClipByGlobalNormState(
         global_norm=_norms.zero_of(dtype), scale=jnp.ones((), dtype),
         num_clipped=_norms.zero_count(), num_nonfinite=_norms.zero_count())
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     norm = _norms.tree_norm(_norms.leaves_of(updates), p, axis_name)
     finite = jnp.isfinite(norm)
     scale = nonfinite_scale(norm, _norms.clip_scale(norm, max_norm), nonfinite)

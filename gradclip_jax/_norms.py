@@ -1,4 +1,4 @@
-"""Numerics shared by every rule: norms, the clip scale, and the input checks.
+"""Numerics shared by every rule: accumulation dtypes, norms and the clip scale.
 
 Everything that computes a norm in gradclip_jax goes through this module, so the
 transforms (``gradclip_jax.clip_*``), the adaptive rules and the TensorFlow-style
@@ -31,18 +31,15 @@ functional API (``gradclip_jax.functional``) agree to the last bit.
   (:func:`pack_small_leaves`); the per-leaf rules batch same-shape leaves
   (:class:`LeafGroups`). A tree of 1,000 small leaves then compiles and runs like a
   tree of a few arrays instead of paying a kernel per leaf.
-* **Validation.** One family of build-time checks (:func:`check_threshold`,
-  :func:`check_range`, :func:`check_int`, :func:`check_norm_type`) and one shape rule
-  for per-leaf thresholds (:func:`broadcast_thresholds`).
 
-What only steers one XLA backend lives in :mod:`gradclip_jax._tuning`.
+The checks of the rules' inputs are in :mod:`gradclip_jax._validate`; what only
+steers one XLA backend lives in :mod:`gradclip_jax._tuning`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 from jax import lax
@@ -50,6 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradclip_jax import _tuning
+from gradclip_jax._validate import check_threshold  # noqa: F401  (dp._clipped_grad)
+from gradclip_jax._validate import dtype_of
+from gradclip_jax._validate import is_concrete
+from gradclip_jax._validate import unit_axes
 
 Array = jax.Array
 AxisName = Optional[Union[str, Sequence[str]]]
@@ -81,11 +82,6 @@ def norm_dtype(leaves: Sequence[Any]) -> np.dtype:
   return out
 
 
-def dtype_of(x: Any) -> np.dtype:
-  dtype = getattr(x, "dtype", None)
-  return jnp.dtype(dtype) if dtype is not None else np.asarray(x).dtype
-
-
 def zero_count() -> Array:
   """A fresh int32 zero (every state counter starts here; distinct buffers)."""
   return jnp.zeros((), jnp.int32)
@@ -94,244 +90,6 @@ def zero_count() -> Array:
 def zero_of(dtype: Any) -> Array:
   """A fresh scalar zero of ``dtype`` (a distinct buffer: states can be donated)."""
   return jnp.zeros((), dtype)
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def leaf_paths(tree: Any):
-  """(path string, leaf) for every non-None leaf of ``tree``."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(jax.tree_util.keystr(path) or "<root>", leaf) for path, leaf in flat]
-
-
-def _label(name: str, path: str) -> str:
-  return name if path == "<root>" else f"{name}{path}"
-
-
-def check_gradient_tree(tree: Any, what: str = "gradient") -> None:
-  """Raises ``TypeError`` naming the first leaf that is not floating or complex.
-
-  Integer and boolean arrays have no meaningful norm-preserving rescaling (and
-  ``jax.grad`` never produces them: it gives ``float0``), so they are refused.
-  """
-  for path, leaf in leaf_paths(tree):
-    dtype = dtype_of(leaf)
-    if not (jnp.issubdtype(dtype, jnp.floating)
-            or jnp.issubdtype(dtype, jnp.complexfloating)):
-      raise TypeError(
-          f"{what} leaf {path} has dtype {dtype}; gradient clipping needs "
-          "floating-point or complex leaves (integer/boolean leaves usually mean "
-          "a non-trainable array slipped into the tree: mask it out with "
-          "optax.masked or drop it).")
-
-
-def is_concrete(x: Any) -> bool:
-  """True when ``x`` holds a value known now (not a tracer inside jit/grad)."""
-  return not isinstance(x, jax.core.Tracer)
-
-
-def as_real_array(name: str, value: Any) -> np.ndarray:
-  """``value`` as a NumPy array of a real (or bool) dtype, else ``TypeError``."""
-  try:
-    arr = np.asarray(value)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{name} must be a number, got {type(value).__name__}") from e
-  ok = (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_ or
-        jnp.issubdtype(arr.dtype, jnp.floating))  # bfloat16 & co. (ml_dtypes)
-  if not ok or np.issubdtype(arr.dtype, np.complexfloating):
-    raise TypeError(f"{name} must be a real number, got {value!r}")
-  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-    arr = arr.astype(np.float32)
-  return arr
-
-
-def check_threshold(name: str, value: Any, *, allow_inf: bool = True,
-                    scalar: bool = False) -> None:
-  """``ValueError`` for a negative or NaN threshold known at build time.
-
-  ``value`` may be a Python number, a NumPy/JAX scalar or (unless ``scalar``) a
-  pytree of them (per-leaf thresholds; their shapes are checked against the leaves by
-  :func:`broadcast_thresholds`). Traced values (``optax.inject_hyperparams`` under
-  ``jit``) cannot be inspected; the rules clamp them at zero instead. With
-  ``scalar=True`` anything but one number (shape ``()``) is a ``TypeError``.
-  """
-  if scalar and not is_scalar_threshold(value):
-    raise TypeError(f"{name} must be one number (a scalar), got "
-                    f"{type(value).__name__} of shape {np.shape(value)}")
-  for path, leaf in leaf_paths(value):
-    label = _label(name, path)
-    if not is_concrete(leaf):
-      continue
-    arr = as_real_array(label, leaf)
-    if np.any(np.isnan(arr)):
-      raise ValueError(f"{label} is NaN; a clipping threshold must be a number >= 0")
-    if np.any(arr < 0):
-      raise ValueError(f"{label} = {arr.tolist()} is negative; a clipping threshold "
-                       "must be >= 0")
-    if not allow_inf and np.any(np.isinf(arr)):
-      raise ValueError(f"{label} must be finite, got {arr.tolist()}")
-
-
-def _concrete_scalar(name: str, value: Any) -> Optional[np.ndarray]:
-  """``value`` as a NumPy scalar, or None when it is traced (inject_hyperparams)."""
-  if np.ndim(value) != 0:
-    raise TypeError(f"{name} must be a real number (a scalar), got shape "
-                    f"{np.shape(value)}")
-  if not is_concrete(value):
-    return None
-  return as_real_array(name, value)
-
-
-def check_range(name: str, value: Any, lo: float, hi: float, *,
-                lo_open: bool = False, hi_open: bool = False) -> None:
-  """``ValueError`` unless ``lo <(=) value <(=) hi`` (skipped for traced values)."""
-  arr = _concrete_scalar(name, value)
-  if arr is None:
-    return
-  v = float(arr)
-  ok = not math.isnan(v)
-  ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-  if not ok:
-    interval = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
-    raise ValueError(f"{name} must be in {interval}, got {v}")
-
-
-def check_int(name: str, value: Any, minimum: int, *, static: bool = False) -> None:
-  """``ValueError`` for an integer argument below ``minimum``.
-
-  ``static=True``: the value fixes a shape, so it must be a Python int (``TypeError``).
-  """
-  if static:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-      raise TypeError(f"{name} must be a Python int (it fixes a shape; list it in "
-                      f"inject_hyperparams' static_args), got {value!r}")
-  arr = _concrete_scalar(name, value)
-  if arr is None:
-    return
-  if not np.issubdtype(arr.dtype, np.integer) and float(arr) != int(arr):
-    raise TypeError(f"{name} must be an integer, got {value!r}")
-  if int(arr) < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {int(arr)}")
-
-
-def check_norm_type(norm_type: Any) -> float:
-  """Validates ``p`` of an Lp norm (``p > 0`` or ``inf``) and returns it as float.
-
-  A traced ``p`` (``optax.inject_hyperparams`` makes every numeric argument a
-  hyperparameter, defaults included) is returned as is: :func:`tree_norm` then picks
-  the kernel at run time.
-  """
-  if not is_concrete(norm_type):
-    return norm_type
-  if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool):
-    try:
-      norm_type = float(np.asarray(norm_type))
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"norm_type must be a real number > 0 or inf, got "
-                      f"{norm_type!r}") from e
-  p = float(norm_type)
-  if math.isnan(p) or p <= 0:
-    raise ValueError(f"norm_type must be > 0 (1, 2, any p > 0, or inf), got {p}")
-  return p
-
-
-def is_scalar_threshold(value: Any) -> bool:
-  """Whether a threshold is one number for all leaves (vs a per-leaf pytree)."""
-  if isinstance(value, numbers.Number):
-    return True
-  return hasattr(value, "shape") and np.ndim(value) == 0
-
-
-def fits(shape: Sequence[int], target: Sequence[int]) -> bool:
-  """Whether an array of ``shape`` broadcasts to ``target`` without changing it."""
-  shape, target = tuple(shape), tuple(target)
-  if len(shape) > len(target):
-    return False
-  return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
-
-
-def _is_array_like(value: Any) -> bool:
-  """An array, or a (nested) list/tuple of plain numbers: one array threshold."""
-  if hasattr(value, "shape"):
-    return True
-  if isinstance(value, (list, tuple)) and value:
-    try:
-      arr = np.asarray(value)
-    except (TypeError, ValueError):
-      return False
-    return arr.dtype != object and (np.issubdtype(arr.dtype, np.number) or
-                                    arr.dtype == np.bool_)
-  return False
-
-
-def broadcast_thresholds(name: str, value: Any, tree: Any,
-                         target: Optional[Callable[[Any], tuple]] = None) -> Any:
-  """A threshold per leaf of ``tree``: a scalar is repeated, a pytree is checked.
-
-  ``value`` is one number (used for every leaf), a pytree with the structure of
-  ``tree`` (one threshold per leaf; ``None`` gradient leaves are skipped on both
-  sides), or one array (or list of numbers) that does not have that structure, used
-  for every leaf. Raises ``ValueError`` when a threshold tree has another structure,
-  and, when ``target`` is given, when a threshold's shape does not *fit* its leaf: it
-  must broadcast to ``target(leaf)`` without changing that shape (see :func:`fits`).
-  The message names the leaf's path and both shapes.
-  """
-  structure = jax.tree.structure(tree)
-  if is_scalar_threshold(value):
-    return jax.tree.unflatten(structure, [value] * structure.num_leaves)
-  try:
-    out = jax.tree.map(lambda _, v: v, tree, value)
-  except (ValueError, TypeError) as e:
-    if not _is_array_like(value):
-      raise ValueError(
-          f"{name} is a pytree of per-leaf thresholds whose structure does not "
-          f"match the gradients:\n  gradients: {structure}\n  {name}: "
-          f"{jax.tree.structure(value)}") from e
-    value = value if hasattr(value, "shape") else jnp.asarray(value)
-    out = jax.tree.unflatten(structure, [value] * structure.num_leaves)
-  # A leaf of the gradients may face a list of numbers: one array threshold.
-  per_leaf = [v if hasattr(v, "shape") or isinstance(v, numbers.Number)
-              else jnp.asarray(v) for v in structure.flatten_up_to(out)]
-  out = jax.tree.unflatten(structure, per_leaf)
-  if target is not None:
-    for (path, leaf), v in zip(leaf_paths(tree), per_leaf):
-      if np.ndim(v) == 0:
-        continue  # a scalar fits every leaf
-      want = tuple(target(leaf))
-      if not fits(np.shape(v), want):
-        raise ValueError(
-            f"{_label(name, path)} has shape {tuple(np.shape(v))}, which does not fit "
-            f"the leaf {path} of shape {tuple(jnp.shape(leaf))}: it must broadcast to "
-            f"{want} without changing it")
-  return out
-
-
-def unit_axes(axes: Any, ndim: int, what: str = "axis") -> Optional[tuple]:
-  """``axes`` (None, an int or a sequence of ints) as a sorted tuple of axes >= 0.
-
-  ``None`` stays ``None`` (the whole leaf). ``ValueError`` for an axis out of range
-  for a leaf of rank ``ndim``, ``TypeError`` for a non-integer axis.
-  """
-  if axes is None:
-    return None
-  axes = (axes,) if isinstance(axes, (numbers.Integral, np.integer)) else axes
-  out = []
-  for a in axes:
-    if isinstance(a, bool) or not isinstance(a, (numbers.Integral, np.integer)):
-      raise TypeError(f"{what} must be an int or a tuple of ints, got {a!r}")
-    a = int(a)
-    if not -ndim <= a < ndim:
-      raise ValueError(f"{what} {a} is out of range for a leaf of rank {ndim}")
-    out.append(a % ndim)
-  return tuple(sorted(set(out)))
-
-
-def kept_shape(shape: Sequence[int], axes: Optional[tuple]) -> tuple:
-  """The shape of a norm over ``axes`` (all when None) with the reduced dims kept."""
-  if axes is None:
-    return (1,) * len(shape)
-  return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
 # ------------------------------------------------------------------------- kernels
@@ -349,11 +107,6 @@ def _sq_acc(x: Array) -> Array:
     return jnp.square(x.real) + jnp.square(x.imag)
   return x * x
 
-
-# The names the DP module imports (they now follow the accumulation dtype).
-_abs_f32 = _abs_acc
-_sq_f32 = _sq_acc
-_leaf_paths = leaf_paths
 
 
 def _power_acc(x: Array, p: float) -> Array:
@@ -434,24 +187,110 @@ def rescue_limits(dtype: Any) -> tuple:
   return low, 2.0 ** -k
 
 
-def _rescue_factor(s: Array, p: float) -> tuple:
-  """(needs rescue, factor r) for sums ``s`` of ``|x|^p``, p in (1, 2)."""
-  low, down = rescue_limits(s.dtype)
+def _opaque_factors(dtype: Any) -> tuple:
+  """``(r, 1 / r)`` of :func:`rescue_limits` in ``dtype``, as values XLA cannot fold.
+
+  With constant factors XLA's algebraic simplifier rewrites ``(x r) * (x r)`` as
+  ``(x * x) * r**2``, and ``r**2`` (``2**-160`` in float32) is 0, or ``inf`` for
+  ``1 / r``: the very overflow and underflow the factors are there to avoid. Passed
+  through an optimization barrier, they are scalars XLA cannot see into (and still
+  fuses into the reductions).
+  """
+  _, down = rescue_limits(dtype)
+  return tuple(lax.optimization_barrier((jnp.asarray(down, dtype),
+                                         jnp.asarray(1.0 / down, dtype))))
+
+
+def rescue_sums(x: Array, p: float, dtype: Any, axes=None, keepdims=False) -> list:
+  """``[s, t_over]`` (``p = 1``) or ``[s, t_over, t_under]`` (``p = 2``) of ``x``.
+
+  ``s = sum |x|^p`` in ``x``'s accumulation dtype; ``t_over = sum |x r|^p`` and
+  ``t_under = sum |clip(x, -1, 1) / r|^p`` in ``dtype`` (the norm's), with ``r`` of
+  :func:`rescue_limits`: the plain sum and the two rescued ones (see
+  :func:`rescued_root`). They are sibling reductions of the same entries, which XLA
+  fuses into one kernel that reads ``x`` once (on GPU, for sums that keep the minor
+  axis, with the help of :func:`gradclip_jax._tuning.gpu_column_pairs`), and whose
+  partial sums a sharded program combines in one all-reduce. The clip keeps
+  ``x / r`` finite for every finite ``x`` (the underflow sum is only used when every
+  entry is below ``sqrt(low)``, far below 1, where the clip changes nothing), so the
+  derivative of a norm that does not use ``t_under`` stays finite.
+  """
+  down, up = _opaque_factors(dtype)
+  w = x.astype(_wide(x, dtype))
+  terms = [_power_acc(x, p), _power_acc(w * down, p)]
+  if p != 1.0:
+    if jnp.iscomplexobj(w):
+      small = lax.complex(jnp.clip(w.real, -1.0, 1.0), jnp.clip(w.imag, -1.0, 1.0))
+    else:
+      small = jnp.clip(w, -1.0, 1.0)
+    terms.append(_power_acc(small * up, p))
+  axes = tuple(range(x.ndim)) if axes is None else tuple(axes)
+
+  def plain(terms):
+    return [jnp.sum(t, axis=axes) for t in terms]
+
+  minor_kept = x.ndim >= 2 and x.ndim - 1 not in axes
+  sums = _tuning.gpu_column_pairs(terms, axes, plain) if minor_kept else plain(terms)
+  if keepdims:
+    kept = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    sums = [jnp.reshape(t, kept) for t in sums]
+  return sums
+
+
+def needs_rescue(s: Array, p: float) -> Array:
+  """Whether a plain sum ``s`` of ``|x|^p`` over- or (``p = 2``) underflowed."""
   over = jnp.isposinf(s)
   if p == 1.0:  # a sum of |x| cannot lose entries to underflow that matter
-    return over, jnp.where(over, jnp.asarray(down, s.dtype), jnp.ones((), s.dtype))
+    return over
+  low, _ = rescue_limits(s.dtype)
+  return over | (s < low)
+
+
+def rescue_factor(s: Array, p: float) -> tuple:
+  """(needs rescue, ``r``) for plain sums ``s``: ``r`` of the rescue each one needs.
+
+  ``r`` is :func:`rescue_limits`' factor where ``s`` overflowed, its inverse where it
+  underflowed (``p = 2``), 1 elsewhere: the factor of a second pass
+  (:func:`scaled_sum`) that computes only the rescued sums that are used, as the CPU
+  form does after an over- or underflow (:func:`gradclip_jax._tuning.overflow_cond`).
+  """
+  low, down = rescue_limits(s.dtype)
+  over = jnp.isposinf(s)
+  one = jnp.ones((), s.dtype)
+  if p == 1.0:
+    return over, jnp.where(over, jnp.asarray(down, s.dtype), one)
   under = s < low
   r = jnp.where(over, jnp.asarray(down, s.dtype),
-                jnp.where(under, jnp.asarray(1.0 / down, s.dtype),
-                          jnp.ones((), s.dtype)))
+                jnp.where(under, jnp.asarray(1.0 / down, s.dtype), one))
   return over | under, r
 
 
-def _scaled_sum(x: Array, r: Array, p: float, dtype, axes=None,
-                keepdims=False) -> Array:
-  """sum |x r|^p in ``dtype`` (``r`` an exact power of two; broadcasts)."""
+def scaled_sum(x: Array, r: Array, p: float, dtype, axes=None, keepdims=False) -> Array:
+  """``sum |x r|^p`` in ``dtype`` (``r`` from :func:`rescue_factor`; broadcasts).
+
+  Where ``r`` is used it gives the same terms, bit for bit, as the matching rescued
+  sum of :func:`rescue_sums` (the clip there changes no entry of an underflowed sum).
+  """
   return jnp.sum(_power_acc(x.astype(_wide(x, dtype)) * r, p), axis=axes,
                  keepdims=keepdims)
+
+
+def rescued_root(sums: Sequence[Array], p: float) -> Array:
+  """The Lp norm from :func:`rescue_sums`' sums: the plain root, or a rescued one.
+
+  ``root(t_over) / r`` where ``s`` overflowed, ``root(t_under) * r`` where it
+  underflowed (``p = 2``), ``root(s)`` elsewhere; ``r`` is an exact power of two, so
+  the rescaling is exact. Broadcasts (one choice per entry of per-unit sums).
+  """
+  s, t_over = sums[0], sums[1]
+  dtype = t_over.dtype
+  _, down = rescue_limits(dtype)
+  s = s.astype(dtype)
+  norm = jnp.where(jnp.isposinf(s), safe_root(t_over, p) / down, safe_root(s, p))
+  if p != 1.0:
+    low, _ = rescue_limits(dtype)
+    norm = jnp.where(s < low, safe_root(sums[2], p) * down, norm)
+  return norm
 
 
 def _wide(x: Array, real_dtype) -> Any:
@@ -541,20 +380,26 @@ def tree_norm(leaves: Sequence[Array], p: float = 2.0,
   if p not in (1.0, 2.0):
     # |x|^p over- or underflows for moderate x when p is large: always rescale.
     return _scaled_norm(leaves, p, axis_name)
-  s = _psum(stacked_sum([jnp.sum(_power_acc(x, p)) for x in leaves], dtype),
-            axis_name)
-  needs, r = _rescue_factor(s, p)
 
-  def rescued(leaves, s, needs, r):
-    t = _psum(stacked_sum([_scaled_sum(x, r, p, dtype) for x in leaves], dtype),
+  def one_pass(leaves):
+    sums = [rescue_sums(x, p, dtype) for x in leaves]
+    totals = jnp.stack([stacked_sum([s[i] for s in sums], dtype)
+                        for i in range(len(sums[0]))])
+    return rescued_root(list(_psum(totals, axis_name)), p)
+
+  def plain_sum(leaves):
+    s = stacked_sum([jnp.sum(_power_acc(x, p)) for x in leaves], dtype)
+    return _psum(s, axis_name)
+
+  def rescue(leaves, s):
+    needs, r = rescue_factor(s, p)
+    t = _psum(stacked_sum([scaled_sum(x, r, p, dtype) for x in leaves], dtype),
               axis_name)
     return jnp.where(needs, safe_root(t, p) / r, safe_root(s, p))
 
-  def plain(leaves, s, needs, r):
-    del leaves, needs, r
-    return safe_root(s, p)
-
-  return _tuning.overflow_cond(needs, rescued, plain, leaves, s, needs, r)
+  return _tuning.overflow_cond(
+      plain_sum, lambda s: needs_rescue(s, p), lambda s: safe_root(s, p), rescue,
+      one_pass, leaves)
 
 
 def _tree_norm_traced_p(leaves, p, axis_name):
@@ -640,29 +485,34 @@ class LeafGroups:
   def norms(self, stacked: Sequence[Array]) -> list:
     """L2 norm of every leaf (or unit) of every group, keepdims, rescued.
 
-    Each group's norms are in its leaves' real accumulation dtype. One rescue
-    decision covers every group (see :func:`gradclip_jax._tuning.overflow_cond`).
+    Each group's norms are in its leaves' real accumulation dtype. The plain and
+    the rescued sums are one reduction per group (:func:`rescue_sums`); on CPU one
+    rescue decision covers every group (:func:`gradclip_jax._tuning.overflow_cond`).
     """
     stacked = list(stacked)
     if not stacked:
       return []
     axes = [self.reduce_axes(j) for j in range(len(stacked))]
-    sums = [jnp.sum(_sq_acc(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
-    checks = [_rescue_factor(s, 2.0) for s in sums]
 
-    def rescued(stacked, sums, checks):
+    def one_pass(stacked):
+      return [rescued_root(rescue_sums(x, 2.0, real_acc_dtype(x.dtype), a,
+                                       keepdims=True), 2.0)
+              for x, a in zip(stacked, axes)]
+
+    def plain_sums(stacked):
+      return [jnp.sum(_sq_acc(x), axis=a, keepdims=True) for x, a in zip(stacked, axes)]
+
+    def rescue(stacked, sums):
       out = []
-      for x, a, s, (needs, r) in zip(stacked, axes, sums, checks):
-        t = _scaled_sum(x, r, 2.0, s.dtype, a, keepdims=True)
+      for x, a, s in zip(stacked, axes, sums):
+        needs, r = rescue_factor(s, 2.0)
+        t = scaled_sum(x, r, 2.0, s.dtype, a, keepdims=True)
         out.append(jnp.where(needs, safe_root(t, 2.0) / r, safe_root(s, 2.0)))
       return out
 
-    def plain(stacked, sums, checks):
-      del stacked, checks
-      return [safe_root(s, 2.0) for s in sums]
-
-    return _tuning.overflow_cond(stacked_any([n for n, _ in checks]), rescued, plain,
-                                 stacked, sums, checks)
+    return _tuning.overflow_cond(
+        plain_sums, lambda sums: stacked_any([needs_rescue(s, 2.0) for s in sums]),
+        lambda sums: [safe_root(s, 2.0) for s in sums], rescue, one_pass, stacked)
 
   def scale(self, leaves: Sequence[Array], scales: Sequence[Array]) -> list:
     """:func:`scale_leaves` of every leaf by its entry of its group's ``scales``."""

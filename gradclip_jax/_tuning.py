@@ -5,14 +5,18 @@ rule (or is the identity) and, when its workaround is switched on
 (:func:`gradclip_jax.config.backend_tuning`), returns the same values through a
 program that XLA compiles better on the backend it targets. With
 ``GRADCLIP_JAX_BACKEND_TUNING=0`` (or ``gradclip_jax.config.set_backend_tuning(False)``)
-every rule runs its plain form and gives bit-identical results
-(``tests/test_tuning.py``). Each workaround is named (``config.WORKAROUNDS``) so that
-``benchmarks/tuning_ab.py`` can time the fused step with it on and off in one run.
+every rule runs its plain form and gives bit-identical results on CPU
+(``tests/test_tuning.py``; the one GPU workaround, ``gpu_column_pairs``, sums the same
+terms, in an order of XLA's choosing). Each workaround is named
+(``config.WORKAROUNDS``) so that ``benchmarks/tuning_ab.py`` can time the fused CPU
+step with it on and off in one run; the GPU one is compared in
+``benchmarks/gpu_traffic.py``'s compiled H100 program.
 
 Their benefit rests on XLA heuristics (a conditional that XLA cannot fold, the
 order a barrier imposes): if XLA changes, results stay right and only speed can
-move. A workaround that targets XLA:CPU is lowered only on CPU
-(``lax.platform_dependent``), so GPU and TPU programs are the plain ones.
+move. A workaround is lowered only on the backend it targets
+(``lax.platform_dependent``): TPU programs are the plain ones, GPU programs plain but
+for ``gpu_column_pairs``.
 """
 
 from __future__ import annotations
@@ -47,25 +51,58 @@ def _cpu_barrier(x: Any) -> Any:
 # ------------------------------------------------------------------ overflow_cond
 
 
-def overflow_cond(pred, rescued: Callable, plain: Callable, *operands):
-  """``rescued(*operands)``; on CPU under ``lax.cond(pred, rescued, plain)``.
+def overflow_cond(plain_sums: Callable, needs: Callable, plain_root: Callable,
+                  rescue: Callable, one_pass: Callable, operands: Any) -> Any:
+  """``one_pass(operands)``; on CPU the plain sums, and the rescue under a ``lax.cond``.
 
-  Workaround ``overflow_cond`` (XLA:CPU). The plain form computes a norm's rescued
-  sum (:mod:`gradclip_jax._norms`) on every step and selects it where the plain sum
-  over- or underflowed: a second reduction over the data. On CPU that doubled the
-  cost of the norm, so there the second reduction runs under a ``lax.cond`` that is
-  taken only when ``pred`` (some sum needs the rescue). ``rescued`` must equal
-  ``plain`` wherever the rescue is not needed. Off CPU the conditional would hand its
-  predicate back to the host (an H100 ran the f32 clip + adam step at 1.39x adam
-  alone with the conditional, 1.28-1.32x without), so the plain form runs there.
+  Workaround ``overflow_cond`` (XLA:CPU). The plain form of a norm
+  (:func:`gradclip_jax._norms.rescue_sums`) reduces every entry into the plain sum of
+  squares and the two rescued sums at once and picks one: one pass over the data on
+  GPU and TPU, but three sums' arithmetic (and, on XLA:CPU, three loops) on CPU. There
+  only ``sums = plain_sums(operands)`` run on every step; ``rescue(operands, sums)``
+  (a second pass with the one factor each sum needs) runs under a ``lax.cond`` taken
+  only when ``needs(sums)``, and the norms are ``plain_root(sums)`` otherwise. Both
+  forms must give the same bits. Off CPU a conditional would hand its predicate back
+  to the host (an H100 ran the f32 clip + adam step at 1.39x adam alone with the
+  conditional, 1.28-1.32x without).
   """
-  if not _on("overflow_cond", pred, operands):
-    return rescued(*operands)
+  if not _on("overflow_cond", operands):
+    return one_pass(operands)
 
-  def cpu(*ops):
-    return lax.cond(pred, rescued, plain, *ops)
+  def cpu(ops):
+    sums = plain_sums(ops)
+    return lax.cond(needs(sums), rescue, lambda ops, sums: plain_root(sums), ops, sums)
 
-  return lax.platform_dependent(*operands, cpu=cpu, default=rescued)
+  return lax.platform_dependent(operands, cpu=cpu, default=one_pass)
+
+
+# -------------------------------------------------------------- gpu_column_pairs
+
+
+def gpu_column_pairs(terms: list, axes: tuple, plain: Callable) -> list:
+  """``plain(terms)``: a sum of each term; on GPU the first two as one complex sum.
+
+  Workaround ``gpu_column_pairs`` (XLA:GPU), for the norms' sums over axes that keep
+  a leaf's minor (last) axis: AGC's units, ``clip_by_norm(axes=0)``. The plain form
+  sums the plain and the two rescued terms of :func:`gradclip_jax._norms.rescue_sums`
+  separately; XLA:TPU fuses the three sibling reductions into one pass, XLA:GPU does
+  not for a column reduction (nor for one variadic ``reduce``, which it wrote to
+  memory term by term). A complex64 column sum is one kernel, so on GPU the plain
+  and the overflow sum are the real and imaginary parts of one complex sum
+  (``benchmarks/gpu_traffic.py``, same run: the f32 AGC + adam step moves 1.74x adam
+  alone's bytes with it, 1.90x without). Off GPU the plain form runs. The sums are of
+  the same terms; only XLA's order of summation can differ.
+  """
+  if not _on("gpu_column_pairs", terms):
+    return plain(terms)
+
+  def gpu(terms):
+    s, over = terms[0], terms[1]
+    z = jnp.sum(lax.complex(s.astype(over.dtype), over), axis=axes)
+    return [jnp.real(z).astype(s.dtype), jnp.imag(z)] + [
+        jnp.sum(t, axis=axes) for t in terms[2:]]
+
+  return lax.platform_dependent(terms, cuda=gpu, rocm=gpu, default=plain)
 
 
 # ------------------------------------------------------------------ scale_barrier

@@ -1,9 +1,10 @@
 """Library-wide settings: the backend-tuning switch.
 
-A few parts of gradclip_jax exist only to steer XLA's CPU backend towards a faster
-program (an optimization barrier, a ``lax.cond`` around the overflow rescue, ...).
-They never change a result: with the tuning off every rule returns bit-identical
-values. They live in :mod:`gradclip_jax._tuning`, each under a name listed in
+A few parts of gradclip_jax exist only to steer one XLA backend (CPU, or GPU)
+towards a better program (an optimization barrier, a ``lax.cond`` around the overflow
+rescue, ...). They never change a result: with the tuning off every rule returns
+bit-identical values on CPU (a GPU workaround can change the order in which XLA adds
+the same terms). They live in :mod:`gradclip_jax._tuning`, each under a name listed in
 :data:`WORKAROUNDS`, and all of them are behind one switch:
 
 * the environment variable ``GRADCLIP_JAX_BACKEND_TUNING``, read when
@@ -40,7 +41,7 @@ ENV_VAR = "GRADCLIP_JAX_BACKEND_TUNING"
 #: The names of the backend workarounds, each documented in :mod:`gradclip_jax._tuning`.
 WORKAROUNDS = ("overflow_cond", "scale_barrier", "unit_scales_once",
                "value_clip_tested", "agc_weights_apart", "skip_norm_apart",
-               "skip_ordered_select")
+               "skip_ordered_select", "gpu_column_pairs")
 
 _enabled = True
 _disabled: frozenset = frozenset()

@@ -36,6 +36,7 @@ import numpy as np
 
 from gradclip_jax import _clipping
 from gradclip_jax import _norms
+from gradclip_jax import _validate
 from gradclip_jax._norms import AxisName
 
 
@@ -67,8 +68,8 @@ def global_norm(tree: Any, norm_type: float = 2.0,
     >>> float(F.global_norm([jnp.array([3.0]), None, jnp.array([4.0])]))
     5.0
   """
-  _norms.check_gradient_tree(tree, "input")
-  p = _norms.check_norm_type(norm_type)
+  _validate.check_gradient_tree(tree, "input")
+  p = _validate.check_norm_type(norm_type)
   return _norms.tree_norm(_norms.leaves_of(tree), p, axis_name)
 
 
@@ -129,7 +130,7 @@ def clip_by_norm(tree: Any, max_norm: Any, axes: Any = None) -> Any:
     >>> F.clip_by_norm(jnp.array([[3.0, 4.0], [0.3, 0.4]]), 1.0, axes=1).tolist()
     [[0.6000000238418579, 0.800000011920929], [0.30000001192092896, 0.4000000059604645]]
   """
-  _norms.check_threshold("max_norm", max_norm)
+  _validate.check_threshold("max_norm", max_norm)
   return _clipping.per_leaf_clip(tree, max_norm, axes, average=False)[0]
 
 
@@ -156,7 +157,7 @@ def clip_by_average_norm(tree: Any, max_norm: Any) -> Any:
     >>> F.clip_by_average_norm(jnp.array([6.0, 8.0]), 1.0).tolist()
     [1.2000000476837158, 1.600000023841858]
   """
-  _norms.check_threshold("max_norm", max_norm)
+  _validate.check_threshold("max_norm", max_norm)
   return _clipping.per_leaf_clip(tree, max_norm, None, average=True)[0]
 
 
@@ -191,11 +192,11 @@ def clip_by_global_norm(tree: Any, max_norm: Any, use_norm: Optional[Any] = None
     >>> float(norm), [c.tolist() for c in clipped]
     (10.0, [[3.0], [4.0]])
   """
-  _norms.check_threshold("max_norm", max_norm, scalar=True)
-  _norms.check_gradient_tree(tree, "input")
+  _validate.check_threshold("max_norm", max_norm, scalar=True)
+  _validate.check_gradient_tree(tree, "input")
   leaves = _norms.leaves_of(tree)
   if use_norm is None:
-    norm = _norms.tree_norm(leaves, _norms.check_norm_type(norm_type))
+    norm = _norms.tree_norm(leaves, _validate.check_norm_type(norm_type))
   else:
     if np.ndim(use_norm) != 0:
       raise ValueError(f"use_norm must be one number (the norm of the whole tree), "

@@ -89,3 +89,52 @@ def test_gpu_traffic_counts_each_kernels_operands_and_results():
   assert 2 * leaf <= s["read_mb"] * 1e6 < 2 * leaf + 64, s
   assert leaf <= s["write_mb"] * 1e6 < leaf + 64, s
   assert gpu_traffic.shape_bytes("(f32[], bf16[1024,64]{1,0}, pred[3])") == 4 + 131072 + 3
+
+
+HLO_TPU_LIKE = """\
+HloModule m
+
+ENTRY %main (p0: f32[1024,256], p1: f32[1024,256], pred: pred[]) -> f32[1024,256] {
+  %p0 = f32[1024,256]{1,0:T(8,128)} parameter(0)
+  %p1 = f32[1024,256]{1,0:T(8,128)} parameter(1)
+  %pred = pred[]{:T(512)} parameter(2)
+  %copy-start = (f32[1024,256]{1,0:T(8,128)S(1)}, f32[1024,256]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%p0)
+  %copy-done = f32[1024,256]{1,0:T(8,128)S(1)} copy-done(%copy-start)
+  %fusion = (f32[1024,256]{1,0:T(8,128)}, f32[]{:T(128)}, /*index=2*/f32[]{:T(128)}) fusion(%copy-done, %p1), kind=kLoop, calls=%f
+  %gte = f32[1024,256]{1,0:T(8,128)} get-tuple-element(%fusion), index=0
+  %all-reduce = (f32[]{:T(128)}, f32[]{:T(128)}) all-reduce(%p1, %p1), replica_groups={}
+  %conditional = f32[1024,256]{1,0} conditional(%pred, %gte, %gte), true_computation=%a, false_computation=%b
+  ROOT %out = f32[1024,256]{1,0:T(8,128)} add(%conditional, %gte)
+}
+"""
+
+
+def test_compiled_programs_counts_hbm_bytes_only():
+  """The TPU-side rules of the traffic model: a VMEM (S(1)) operand is not HBM
+  traffic, an asynchronous copy moves its HBM side once, a tuple shape whose
+  elements carry /*index=N*/ comments still parses, a conditional reads its
+  predicate, and collectives are counted with their result bytes."""
+  cp = pytest.importorskip("compiled_programs")
+  leaf = 1024 * 256 * 4
+  rows = {r[0]: r[2:] for r in cp.kernels(HLO_TPU_LIKE)}
+  assert rows["copy-start"] == (leaf, 0)       # HBM -> VMEM: one read
+  assert rows["fusion"] == (leaf, leaf + 8)    # reads p1 (p0 comes from VMEM)
+  assert rows["conditional"] == (1, 0)         # its predicate only
+  assert rows["out"] == (2 * leaf, leaf)
+  assert cp.collectives(HLO_TPU_LIKE) == {"all-reduce": (1, 8)}
+  assert cp.shape_bytes("(f32[4]{0:T(128)S(1)}, bf16[8])") == 16
+  assert cp.shape_bytes("(f32[4]{0:T(128)S(1)}, bf16[8])", hbm_only=False) == 32
+
+
+def test_compiled_programs_verdict_uses_limits_and_counterparts():
+  cp = pytest.importorskip("compiled_programs")
+  rows = {"adam alone": {"hbm_ratio": 1.0},
+          "clip_by_global_norm": {"hbm_ratio": 1.08},
+          "optax.clip_by_global_norm": {"hbm_ratio": 1.07},
+          "clip_by_value": {"hbm_ratio": 1.0}, "optax.clip": {"hbm_ratio": 1.0}}
+  assert cp.verdict("clip_by_global_norm", rows, "float32") == (
+      "> optax.clip_by_global_norm")
+  assert cp.verdict("clip_by_global_norm", rows, "bfloat16") == (
+      "> 1.05, > optax.clip_by_global_norm")
+  assert cp.verdict("clip_by_value", rows, "float32") == "ok"
+  assert cp.verdict("adam alone", rows, "float32") == ""

@@ -358,3 +358,32 @@ def test_float64_keeps_float64_at_1e_minus_200_and_1e200():
       assert out.dtype == jnp.float64
       np.testing.assert_allclose(np.asarray(out), x * np.minimum(1.0, 0.1 * scale / cols),
                                  rtol=1e-13)
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "plain"])
+def test_rescued_sums_under_jit_survive_xla_simplification(tuned):
+  """Jitted, the rescue factors meet XLA's algebraic simplifier, which would rewrite
+  ``(x r) * (x r)`` as ``(x * x) * r**2`` with ``r**2`` = 0 or inf (eager calls
+  compile one primitive at a time and never see it). float32 at 1e-30 and 1e25,
+  float64 at 1e-200 and 1e200, global and per-unit norms, with the tuning on and
+  off (the plain form is what GPU and TPU compile), against NumPy."""
+  from gradclip_jax import config  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  cases = [(np.float32, s) for s in (1e-30, 1e25)] + [(np.float64, s)
+                                                      for s in (1e-200, 1e200)]
+  for dtype, scale in cases:
+    with jax.enable_x64(dtype == np.float64), config.backend_tuning_set(tuned):
+      x = rng.normal(size=(40, 3)) * scale
+      m = np.abs(x).max()
+      x = x.astype(dtype)
+      f = jax.jit(lambda t: (F.global_norm([t]), F.global_norm([t[:2, 0]]),
+                             _norms.leaf_norms([t, t[0], t[0, 0]], [(0,), None, None])))
+      norm, pair, (cols, first, one) = f(jnp.asarray(x))
+      xs = x.astype(np.float64) / m
+      np.testing.assert_allclose(float(norm), m * np.linalg.norm(xs), rtol=1e-6)
+      np.testing.assert_allclose(float(pair), m * np.linalg.norm(xs[:2, 0]), rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(cols, np.float64).ravel(),
+                                 m * np.linalg.norm(xs, axis=0), rtol=1e-6)
+      np.testing.assert_allclose(float(first.squeeze()), m * np.linalg.norm(xs[0]),
+                                 rtol=1e-6)
+      np.testing.assert_allclose(float(one), m * abs(xs[0, 0]), rtol=1e-6)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from gradclip_jax import _norms
+from gradclip_jax import _validate
 
 
 class PerExampleClipState(NamedTuple):
@@ -46,47 +47,24 @@ def _zeros_f32():
   return jnp.zeros((), jnp.float32)
 
 
-def _real_acc_dtype(dtype) -> Any:
-  """float32 for 16/32-bit floats, float64 for float64 (and complex128) leaves."""
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    return jnp.float64 if dtype == jnp.complex128 else jnp.float32
-  return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
-def _acc_dtype(dtype) -> Any:
-  """The dtype a leaf is summed in: its real or complex accumulation type."""
-  real = _real_acc_dtype(dtype)
-  if jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
-    return jnp.complex128 if real == jnp.float64 else jnp.complex64
-  return real
-
-
 def _leaf_example_norms(g: jax.Array) -> jax.Array:
   """L2 norm of each example ``g[b]`` of one leaf, ``[B]``.
 
   The kernel of :mod:`gradclip_jax._norms` (float32 for 16/32-bit leaves, float64 for
   float64 ones, with its over/underflow rescue).
   """
-  b = g.shape[0]
-  axes = tuple(range(1, g.ndim))
-  if not axes:
-    return jnp.abs(g.astype(_acc_dtype(g.dtype))).astype(_real_acc_dtype(g.dtype))
-  n = _norms.leaf_norm(g, axes).reshape(b)
-  return n.astype(jnp.promote_types(n.dtype, _real_acc_dtype(g.dtype)))
+  if g.ndim == 1:
+    return jnp.abs(g.astype(_norms.acc_dtype(g.dtype)))
+  return _norms.leaf_norm(g, tuple(range(1, g.ndim))).reshape(g.shape[0])
 
 
 def _combine_norms(norms: list) -> jax.Array:
-  """``sqrt(sum_l n_l^2)`` per example, scaled by the largest ``n_l`` (no overflow)."""
+  """``sqrt(sum_l n_l^2)`` per example: the L2 norm of each row of ``[B, L]``."""
   if len(norms) == 1:
     return norms[0]
   dtype = jnp.result_type(*norms)
   stack = jnp.stack([n.astype(dtype) for n in norms], axis=1)  # [B, L]
-  m = jnp.max(stack, axis=1)  # NaN if any is NaN
-  ok = jnp.isfinite(m) & (m > 0)
-  safe = jnp.where(ok, m, 1.0)
-  scaled = safe * jnp.sqrt(jnp.sum(jnp.square(stack / safe[:, None]), axis=1))
-  return jnp.where(ok, scaled, m)
+  return _norms.leaf_norm(stack, 1).reshape(stack.shape[0])
 
 
 def example_norms(per_example: Any) -> jax.Array:
@@ -100,17 +78,6 @@ def example_norms(per_example: Any) -> jax.Array:
   return _combine_norms([_leaf_example_norms(g) for g in leaves])
 
 
-def _clip_scale(norms: jax.Array, max_norm: Any) -> jax.Array:
-  """``min(1, max_norm / n)`` in the norms' dtype; NaN for NaN norms.
-
-  The division only ever sees ``n > max_norm >= 0``, so it is finite.
-  """
-  c = jnp.maximum(jnp.asarray(max_norm, norms.dtype), 0.0)
-  clipped = norms > c
-  scale = jnp.where(clipped, c / jnp.where(clipped, norms, 1.0), 1.0)
-  return jnp.where(jnp.isnan(norms), jnp.nan, scale).astype(norms.dtype)
-
-
 def clip_stats(norms: jax.Array, max_norm: Any):
   """Scale per example (0 for non-finite norms) and the logged statistics.
 
@@ -120,7 +87,7 @@ def clip_stats(norms: jax.Array, max_norm: Any):
   if not jnp.issubdtype(norms.dtype, jnp.floating):
     norms = norms.astype(jnp.float32)
   finite = jnp.isfinite(norms)
-  scale = jnp.where(finite, _clip_scale(norms, max_norm), 0.0)
+  scale = jnp.where(finite, _norms.clip_scale(norms, max_norm), 0.0)
   clipped = finite & (norms > jnp.maximum(jnp.asarray(max_norm, norms.dtype), 0.0))
   n_fin = jnp.sum(finite)
   fin_norms = jnp.where(finite, norms, 0.0)
@@ -143,8 +110,9 @@ def weighted_example_sum(per_example: Any, weights: jax.Array, finite: jax.Array
   """
 
   def one(g):
-    acc = _acc_dtype(g.dtype)
-    w = weights.reshape((-1,) + (1,) * (g.ndim - 1)).astype(_real_acc_dtype(g.dtype))
+    acc = _norms.acc_dtype(g.dtype)
+    w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
+    w = w.astype(_norms.real_acc_dtype(g.dtype))
     f = finite.reshape(w.shape)
     x = g.astype(acc)
     x = jnp.where(f, x * w, jnp.zeros_like(x))  # where, not *, so inf * 0 is 0.
@@ -158,7 +126,7 @@ def _check_batched(updates):
   if not leaves:
     return 0
   sizes = set()
-  for path, g in _norms._leaf_paths(updates):  # pylint: disable=protected-access
+  for path, g in _validate.leaf_paths(updates):
     if np.ndim(g) == 0:
       raise ValueError(f"per_example_clip needs gradients with a leading batch axis "
                        f"(from jax.vmap); leaf {path} is a scalar")
@@ -170,7 +138,7 @@ def _check_batched(updates):
 
 
 def _check_scalar(name: str, value: Any) -> None:
-  if not _norms.is_scalar_threshold(value):
+  if not _validate.is_scalar_threshold(value):
     raise TypeError(f"{name} must be one scalar, got {type(value).__name__}")
 
 
@@ -187,16 +155,15 @@ def sensitivity(max_norm: Any, tree: Any = None) -> jax.Array:
   thresholds; ``tree``, if given, is the gradient tree the thresholds must match
   (``ValueError`` otherwise). float32 (float64 under x64 for float64 thresholds).
   """
-  if _norms.is_scalar_threshold(max_norm):
+  if _validate.is_scalar_threshold(max_norm):
     return jnp.asarray(max_norm, jnp.result_type(float))
   if tree is not None:
-    max_norm = _norms.broadcast_thresholds("max_norm", max_norm, tree,
+    max_norm = _validate.broadcast_thresholds("max_norm", max_norm, tree,
                                               target=lambda g: ())
   leaves = jax.tree.leaves(max_norm)
   if not leaves:
     return jnp.zeros((), jnp.result_type(float))
-  sq = [jnp.square(jnp.asarray(c, jnp.result_type(float))) for c in leaves]
-  return jnp.sqrt(sum(sq[1:], sq[0]))
+  return _norms.tree_norm([jnp.asarray(c, jnp.result_type(float)) for c in leaves])
 
 
 def per_example_clip(max_norm: Any, *, per_layer: bool = False
@@ -252,23 +219,22 @@ def per_example_clip(max_norm: Any, *, per_layer: bool = False
     >>> float(state.fraction_clipped)
     0.5
   """
-  _norms.check_threshold("max_norm", max_norm)
+  _validate.check_threshold("max_norm", max_norm)
   if not isinstance(per_layer, bool):
     raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
-  if not per_layer and not _norms.is_scalar_threshold(max_norm):
+  if not per_layer and not _validate.is_scalar_threshold(max_norm):
     raise TypeError("per_example_clip takes one scalar max_norm unless per_layer=True")
 
   def init_fn(params):
-    dtypes = [_real_acc_dtype(x.dtype) for x in jax.tree.leaves(params)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    dt = jnp.result_type(float) if jnp.float64 in dtypes else jnp.float32  # f32 w/o x64
+    dt = _norms.norm_dtype([x for x in jax.tree.leaves(params) if hasattr(x, "dtype")
+                            and jnp.issubdtype(x.dtype, jnp.inexact)])
     zero = jnp.zeros((), dt)
     return PerExampleClipState(zero, zero, _zeros_f32(),
                                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     b = _check_batched(updates)
     norms = example_norms(updates)
     if not per_layer:
@@ -276,12 +242,12 @@ def per_example_clip(max_norm: Any, *, per_layer: bool = False
       out = weighted_example_sum(updates, scale, finite)
     else:
       leaves, treedef = jax.tree.flatten(updates)
-      if _norms.is_scalar_threshold(max_norm):
+      if _validate.is_scalar_threshold(max_norm):
         per = jnp.asarray(max_norm, jnp.result_type(float)) / math.sqrt(max(len(leaves), 1))
         thresholds = [per] * len(leaves)
       else:
         thresholds = jax.tree.leaves(
-            _norms.broadcast_thresholds("max_norm", max_norm, updates,
+            _validate.broadcast_thresholds("max_norm", max_norm, updates,
                                         target=lambda g: ()))
       _, all_finite, stats = clip_stats(norms, sensitivity(max_norm, updates))
       # A bad example (NaN/inf anywhere) is dropped from every leaf.
@@ -346,8 +312,8 @@ def add_noise(noise_multiplier: Any, max_norm: Any, seed: int
     5.0
   """
   _check_scalar("noise_multiplier", noise_multiplier)
-  _norms.check_threshold("noise_multiplier", noise_multiplier, allow_inf=False)
-  _norms.check_threshold("max_norm", max_norm, allow_inf=False)
+  _validate.check_threshold("noise_multiplier", noise_multiplier, allow_inf=False)
+  _validate.check_threshold("max_norm", max_norm, allow_inf=False)
   _check_seed(seed)
 
   def init_fn(params):
@@ -357,7 +323,7 @@ def add_noise(noise_multiplier: Any, max_norm: Any, seed: int
 
   def update_fn(updates, state, params=None):
     del params
-    _norms.check_gradient_tree(updates)
+    _validate.check_gradient_tree(updates)
     std = jnp.asarray(noise_multiplier, jnp.result_type(float)) * sensitivity(
         max_norm, updates)
     next_key, step_key = jax.random.split(state.rng_key)
@@ -365,9 +331,9 @@ def add_noise(noise_multiplier: Any, max_norm: Any, seed: int
     keys = jax.random.split(step_key, max(len(leaves), 1))
     out = []
     for k, g in zip(keys, leaves):
-      acc = _acc_dtype(g.dtype)
+      acc = _norms.acc_dtype(g.dtype)
       z = jax.random.normal(k, g.shape, acc)
-      out.append((g.astype(acc) + std.astype(_real_acc_dtype(g.dtype)) * z
+      out.append((g.astype(acc) + std.astype(_norms.real_acc_dtype(g.dtype)) * z
                   ).astype(g.dtype))
     return jax.tree.unflatten(treedef, out), AddNoiseState(next_key, state.count + 1)
 
