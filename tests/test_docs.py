@@ -216,9 +216,19 @@ def _results_mentioned(text: str) -> list[str]:
   return found
 
 
-def test_results_mentioned_exist_and_stay_few():
-  files = [p for p in (ROOT / "results").iterdir() if p.is_file()]
-  assert len(files) <= 17, f"results/ holds {len(files)} files: keep the latest run only"
+def test_results_keep_the_latest_run_of_each_benchmark():
+  # A result's name is <benchmark>-<device>-<date>[-variant].<ext>: one date per name.
+  dates = {}
+  for p in (ROOT / "results").iterdir():
+    m = re.search(r"\d{4}-\d{2}-\d{2}", p.name)
+    assert m, f"results/{p.name} has no date in its name"
+    key = p.name[:m.start()] + p.name[m.end():].split(".")[0]
+    dates.setdefault(key, set()).add(m.group())
+  stale = {k: sorted(v) for k, v in dates.items() if len(v) > 1}
+  assert not stale, f"results/ keeps older runs of {stale}: keep the latest only"
+
+
+def test_results_mentioned_exist():
   sources = [ROOT / "README.md"] + [p for p in DOCS.rglob("*.md")
                                     if "_build" not in p.parts and "jupyter_execute" not in p.parts]
   mentioned = {(s.relative_to(ROOT).as_posix(), r) for s in sources
