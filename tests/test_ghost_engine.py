@@ -258,6 +258,71 @@ def test_cond_on_the_example_stays_on_the_fallback():
     dp.ghost_coverage(loss_fn, p, jnp.concatenate([x, x]))
 
 
+# ------------------------------------------------ one probe for split-then-add sums
+
+
+def _split_add_model(pair, reuse=False):
+  """Two products split in four and added piece by piece (``pair[j]``: the piece of
+  the second product added to piece ``j`` of the first; ``reuse``: a piece of the
+  second is also read elsewhere)."""
+  rng = np.random.default_rng(11)
+  p = {"wx": jnp.asarray(rng.normal(size=(3, 8)) / 2, jnp.float32),
+       "wh": jnp.asarray(rng.normal(size=(5, 8)) / 2, jnp.float32),
+       "v": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(B, 3)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(B, 5)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=B), jnp.float32)
+
+  def loss_fn(p, x, h, y):
+    a = jnp.split(x @ p["wx"], 4, axis=-1)
+    b = jnp.split(h @ p["wh"], 4, axis=-1)
+    s = [a[j] + b[pair[j]] for j in range(4)]
+    z = jnp.tanh(s[0]) * jax.nn.sigmoid(s[1]) + s[2] * s[3]
+    if reuse:
+      z = z + jnp.sin(b[0])
+    return (z @ p["v"] - y) ** 2
+
+  return loss_fn, p, (x, h, y)
+
+
+def test_split_then_add_shares_one_probe():
+  loss_fn, p, batch = _split_add_model((0, 1, 2, 3))
+  cov = dp.ghost_coverage(loss_fn, p, *batch)
+  assert "fused: 2" in cov["wx"] and "fused: 2" in cov["wh"], cov
+  check_exact(loss_fn, p, batch)
+  plan, _ = cg._plan(loss_fn, False, p, batch)
+  crossed_fn, _, _ = _split_add_model((1, 0, 2, 3))
+  crossed, _ = cg._plan(crossed_fn, False, p, batch)
+  # One probe of 8 floats per example instead of two.
+  assert cg.probe_bytes_per_example(crossed) - cg.probe_bytes_per_example(plan) == 4 * 8
+
+
+@pytest.mark.parametrize("pair,reuse", [((1, 0, 2, 3), False), ((0, 1, 2, 3), True)])
+def test_split_pieces_not_only_added_in_order_keep_their_own_probes(pair, reuse):
+  loss_fn, p, batch = _split_add_model(pair, reuse)
+  cov = dp.ghost_coverage(loss_fn, p, *batch)
+  assert "fused" not in cov["wx"] and "fused" not in cov["wh"], cov
+  check_exact(loss_fn, p, batch)
+
+
+def test_optimized_lstm_cell_is_one_product_per_step():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.RNN(nn.OptimizedLSTMCell(6))(x).mean(1))
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(B, 5, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 2, size=B))
+  net = Net()
+  p = net.init(jax.random.PRNGKey(0), x)
+  loss_fn = lambda p, x, y: ce(net.apply(p, x), y)
+  cov = dp.ghost_coverage(loss_fn, p, x, y)
+  kernels = {k: v for k, v in cov.items() if k.endswith("kernel") and "Cell" in k}
+  assert len(kernels) == 8 and all("fused: 8" in v for v in kernels.values()), cov
+  check_exact(loss_fn, p, (x, y))
+
+
 # ------------------------------------------------------- chunks and microbatches
 
 

@@ -69,7 +69,9 @@ registered with ``@register(primitive)``; the protocol is in ``_rules/_base.py``
   the total norm, ``||sum_t a_t [g_1t ... g_Lt]^T||^2 = sum_l ||sum_t a_t g_lt^T||^2``,
   and one product gives all their clipped sums. ``linen.LSTMCell``'s eight kernels
   (``x_t`` and ``h_{t-1}`` times four gates) become one ``[2K, 4N]`` product per
-  example; ``ghost_coverage`` adds ``" [fused: N parameters on shared operands]"``;
+  example; ``ghost_coverage`` adds ``" [fused: N parameters on shared operands]"``.
+  Outputs split alike and added piece by piece (``split(x W_x)[j] + split(h W_h)[j]``,
+  ``OptimizedLSTMCell``) have one output gradient too, and fuse the same way;
 * the same parameter operand used several times with the same form (a shared layer):
   positions concatenated; a 2-D table read by ``gather`` and by ``dot_general`` (tied
   input/output embeddings, ``h @ E.T``): ``|G_gather|^2 + |G_dot|^2`` plus the exact

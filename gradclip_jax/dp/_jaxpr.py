@@ -41,6 +41,7 @@ CONVERT = "convert_element_type"
 BROADCAST = "broadcast_in_dim"
 #: Additions a probe may move forward through (see ``_trace``'s probe placement).
 ADDS = frozenset({"add", "add_any"})
+SPLIT = "split"
 
 
 # ------------------------------------------------------------------ variables
@@ -235,6 +236,11 @@ def cond_branches(eqn) -> list:
 
 def broadcast_dimensions(eqn) -> tuple:
   return tuple(eqn.params["broadcast_dimensions"])
+
+
+def split_layout(eqn) -> tuple:
+  """(axis, sizes) of a ``split`` equation."""
+  return int(eqn.params["axis"]), tuple(int(n) for n in eqn.params["sizes"])
 
 
 def permutation(eqn) -> tuple:

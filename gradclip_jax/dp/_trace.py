@@ -375,13 +375,64 @@ class _Analysis:
       infos[0].bsrc = BroadcastSource(jx.ins(eqn)[0], ins[0], jx.broadcast_dimensions(eqn))
     return infos
 
+  @staticmethod
+  def _split_pair(sc, v, eq, consumers):
+    """The outputs of the piecewise sums when ``v`` is split and each piece is only
+    added to the same piece of another value split alike, else ``None``.
+
+    Both values then have the gradient ``concatenate(g(sum_j))``: one probe serves
+    both (whichever is placed first), keyed by the first sum so that either value
+    finds it.
+    """
+    cs = consumers.get(v, [])
+    if len(cs) != 1 or cs[0] < 0 or jx.name(eq[cs[0]]) != jx.SPLIT:
+      return None
+    split = eq[cs[0]]
+    if sc.actions[cs[0]].kind not in ("bind", "use") or len(jx.ins(split)) != 1:
+      return None
+    sums, others, adds = [], [], []
+    for piece in jx.outs(split):
+      pcs = consumers.get(piece, [])
+      if len(pcs) != 1 or pcs[0] < 0:
+        return None
+      add = eq[pcs[0]]
+      if (jx.name(add) not in jx.ADDS or sc.actions[pcs[0]].kind not in ("bind", "use")
+          or len(jx.ins(add)) != 2):
+        return None
+      other = [w for w in jx.ins(add) if w is not piece]
+      out = jx.outs(add)[0]
+      if (len(other) != 1 or jx.is_literal(other[0])
+          or jx.shape(other[0]) != jx.shape(piece) or jx.shape(out) != jx.shape(piece)
+          or jx.dtype(out) != jx.dtype(piece)):
+        return None
+      sums.append(out)
+      others.append(other[0])
+      adds.append(pcs[0])
+    # The other pieces: all outputs, in order, of one split alike of a value of v's
+    # shape and dtype.
+    j = None
+    for i, e in enumerate(eq):
+      if jx.name(e) == jx.SPLIT and list(jx.outs(e)) == others:
+        j = i
+        break
+    if j is None or j == cs[0] or jx.split_layout(eq[j]) != jx.split_layout(split):
+      return None
+    u = jx.ins(eq[j])[0]
+    if (jx.is_literal(u) or jx.shape(u) != jx.shape(v) or jx.dtype(u) != jx.dtype(v)
+        or len(consumers.get(u, [])) != 1 or sc.actions[j].kind not in ("bind", "use")
+        or any(consumers.get(w, []) != [a] for w, a in zip(others, adds))):
+      return None
+    return sums[0]
+
   def _place_probes(self, sc, direct, stack):
     """Probe keys of this level's uses; records keyed by variable (shared).
 
     A use's output that is only added (same shape) into one other value has that
     value's gradient: the probe moves forward through such ``add`` equations, so the
     two Dense layers of an LSTM gate (``W_x x + W_h h``) and a Dense and its bias
-    share one probe.
+    share one probe. Two outputs that are split alike and added piece by piece
+    (``split(W_x x)[j] + split(W_h h)[j]``, Flax's ``OptimizedLSTMCell``) have the same
+    gradient too, and share one probe as well.
     """
     jaxpr = sc.jaxpr
     eq = jx.eqns(jaxpr)
@@ -412,6 +463,9 @@ class _Analysis:
             break
           v = nout
         key = (id(sc), id(v))
+        paired = self._split_pair(sc, v, eq, consumers)
+        if paired is not None:  # negative: never the id of a variable
+          key = (id(sc), -id(paired))
         use.probe_key[k] = key
         if key not in sc.probe_avals:
           sc.probe_avals[key] = Probe(jx.shaped(jx.shape(v), jx.dtype(v)), stack)

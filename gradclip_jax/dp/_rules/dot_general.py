@@ -195,8 +195,10 @@ class DotUnit(Unit):
     return {NORM: gram, PER_EXAMPLE: pe}
 
   def suffix(self):
-    n = len(self.groups)
-    return f" [fused: {n} parameters on shared operands]" if n > 1 else ""
+    if len(self.groups) < 2:
+      return ""
+    n = len(frozenset().union(*[g.origin for g in self.groups]))
+    return f" [fused: {n} parameters on shared operands]"
 
   def canon(self, canons):
     if len(canons) == 1:
