@@ -27,12 +27,11 @@ METHODS = ("auto", "vmap", "ghost")
 #: default backend, else ``DEFAULT_BUDGETS["other"]``.
 GHOST_MEMORY_BUDGET = None
 
-#: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU the model
-#: passes and norm chunks that fit 32 MiB were the fastest as well as the lightest
-#: (the probe gradients of 16 to 32 examples of the benchmark models stay in a
-#: 32 MiB L3 cache): ``benchmarks/dp_cost.py --ghost-budgets`` times other budgets
-#: against it in one run (results/dp_cost-cpu-*.md, the docs' benchmarks page). The
-#: accelerator value is not tuned by a measurement.
+#: The budget per backend when ``GHOST_MEMORY_BUDGET`` is ``None``. On CPU 32 MiB is
+#: the lightest of the budgets timed, and in three runs of ``benchmarks/dp_cost.py
+#: --ghost-budgets`` (32, 64, 128 MiB) none was faster on every model every time
+#: (results/dp_cost-cpu-*.md, the docs' benchmarks page). The accelerator value is
+#: not tuned by a measurement.
 DEFAULT_BUDGETS = {"cpu": 32 * 2 ** 20, "other": 512 * 2 ** 20}
 
 
