@@ -31,7 +31,11 @@ Adam's pass, AGC also reads the parameters.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
 import os
+import platform
 import re
 import sys
 from typing import Callable, Optional
@@ -260,3 +264,47 @@ def verdict(name: str, rows: dict, dtype: str, key: str = "hbm_ratio") -> str:
 __all__ = ["COLLECTIVES", "COUNTERPART", "LIMITS", "arrays", "collectives",
            "compile_step", "kernels", "placed", "ratio_rows", "shape_bytes",
            "step_optimizers", "step_shapes", "summary", "TREES", "verdict"]
+
+
+# ------------------------------------------------------------------ the report
+
+
+def versions(*dists: str) -> dict:
+  """jax's and optax's versions, and those of ``dists`` that are installed."""
+  out = {"jax": jax.__version__, "optax": optax.__version__}
+  for dist in dists:
+    try:
+      out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def run_info(script: str, argv, ver: dict) -> str:
+  """The date, versions, host, load average and command line of a report."""
+  args = " " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""
+  return (f"{datetime.date.today().isoformat()}, "
+          f"{', '.join(f'{k} {v}' for k, v in ver.items())}; host "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n"
+          f"Command: `python benchmarks/{script}{args}`.")
+
+
+class Report:
+  """Markdown sections, printed as they come and written at the end."""
+
+  def __init__(self, head: str):
+    self.sections = []
+    self.add(head)
+
+  def add(self, section: str) -> None:
+    print(section, flush=True)
+    self.sections.append(section)
+
+  def write(self, result: dict, json_path: Optional[str], md_path: Optional[str]) -> None:
+    if json_path:
+      with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    if md_path:
+      with open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(self.sections))

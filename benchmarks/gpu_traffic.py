@@ -43,16 +43,11 @@ write) and 200 MB after (the clip and its hit flag fused into one kernel).
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compiled_programs as cp  # noqa: E402  (benchmarks/compiled_programs.py)
@@ -181,22 +176,10 @@ def main(argv=None):
   ap.add_argument("--md", help="also write the markdown report to this file")
   args = ap.parse_args(argv)
   device = gpu_device(args.target)
-  versions = {"jax": jax.__version__, "optax": optax.__version__}
-  for dist in ("jaxlib", "jax-cuda12-plugin"):
-    try:
-      versions[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
+  versions = cp.versions("jaxlib", "jax-cuda12-plugin")
   head = (f"# Memory traffic of the compiled GPU programs ({device.device_kind})\n\n"
-          f"{datetime.date.today().isoformat()}, "
-          f"{', '.join(f'{k} {v}' for k, v in versions.items())}; host "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n"
-          f"Command: `python benchmarks/gpu_traffic.py"
-          f"{' ' + ' '.join(sys.argv[1:]) if argv is None and sys.argv[1:] else ''}`."
-          f"\n")
-  print(head, flush=True)
-  report = [head]
+          f"{cp.run_info('gpu_traffic.py', argv, versions)}\n")
+  report = cp.Report(head)
   result = {"device": device.device_kind, "versions": versions, "standalone": {},
             "fused_step": {}, "workaround_ab": {}}
   shapes = ["one 25M leaf"] if args.quick else ["one 25M leaf", "transformer 25M",
@@ -208,29 +191,21 @@ def main(argv=None):
         result["standalone"][f"{shape}, {dtype}"] = rows
         section = (f"## Standalone clip, {shape}, {dtype}\n\n"
                    f"{table(rows, suite.COPY, 'rule')}\n")
-        print(section, flush=True)
-        report.append(section)
+        report.add(section)
     if args.quick:
       continue
     rows = fused_step(device, dtype)
     result["fused_step"][dtype] = rows
     section = (f"## Rule + adam step, 25M float32 tree, {dtype} gradients\n\n"
                f"{fused_table(rows, dtype)}\n")
-    print(section, flush=True)
-    report.append(section)
+    report.add(section)
     if args.ab_workarounds:
       rows = workaround_ab(device, dtype)
       result["workaround_ab"][dtype] = rows
       section = (f"## GPU workaround gpu_column_pairs on and off, {dtype} gradients\n\n"
                  f"{fused_table(rows, dtype)}\n")
-      print(section, flush=True)
-      report.append(section)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-  if args.md:
-    with open(args.md, "w", encoding="utf-8") as f:
-      f.write("\n".join(report))
+      report.add(section)
+  report.write(result, args.json, args.md)
 
 
 if __name__ == "__main__":

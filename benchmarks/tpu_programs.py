@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import sys
 import time
 
@@ -56,7 +53,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no lock file: no TPU
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
-import optax  # noqa: E402  pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compiled_programs as cp  # noqa: E402  pylint: disable=wrong-import-position
@@ -123,16 +119,6 @@ def table(rows: dict, dtype: str) -> str:
   return "\n".join(lines)
 
 
-def versions() -> dict:
-  out = {"jax": jax.__version__, "optax": optax.__version__}
-  for dist in ("jaxlib", "libtpu", "libtpu-nightly"):
-    try:
-      out[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true",
@@ -150,22 +136,16 @@ def main(argv=None):
     names = [n for n in names if n in wanted]
   machines = MACHINES[:1] if args.quick else MACHINES
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
-  ver = versions()
-  date = datetime.date.today().isoformat()
+  ver = cp.versions("jaxlib", "libtpu", "libtpu-nightly")
   head = (f"# The rule + adam step compiled for TPU v5e (libtpu, no TPU attached)\n\n"
-          f"{date}, {', '.join(f'{k} {v}' for k, v in ver.items())}; host "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n"
-          f"Command: `python benchmarks/tpu_programs.py"
-          f"{' ' + ' '.join(sys.argv[1:]) if argv is None and sys.argv[1:] else ''}`."
+          f"{cp.run_info('tpu_programs.py', argv, ver)}"
           f"\n\n25M-parameter float32 tree of `clip_overhead.py`, params and state "
           f"donated. HBM MB: the kernels' HBM operands and results "
           f"(`compiled_programs.kernels`); bytes accessed: XLA's cost analysis, which "
           f"on a v5e also counts VMEM-resident reads and copies. Limit: the issue's "
           f"bound on HBM MB / adam and Optax's counterpart ('ok' when both hold).\n")
-  print(head, flush=True)
-  report = [head]
-  result = {"date": date, "versions": ver, "machines": {}}
+  report = cp.Report(head)
+  result = {"date": datetime.date.today().isoformat(), "versions": ver, "machines": {}}
   for label, topology, chips, tree in machines:
     devices = topology_devices(topology)[:chips]
     key = f"{label}, {tree}"
@@ -175,14 +155,8 @@ def main(argv=None):
       result["machines"][key][dtype] = rows
       section = (f"## {label} ({topology}, {devices[0].device_kind}), {tree} tree, "
                  f"{dtype} gradients\n\n{table(rows, dtype)}\n")
-      print(section, flush=True)
-      report.append(section)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-  if args.md:
-    with open(args.md, "w", encoding="utf-8") as f:
-      f.write("\n".join(report))
+      report.add(section)
+  report.write(result, args.json, args.md)
   return 0
 
 
