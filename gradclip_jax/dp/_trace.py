@@ -376,7 +376,7 @@ class _Analysis:
     return infos
 
   @staticmethod
-  def _split_pair(sc, v, eq, consumers):
+  def _split_pair(sc, v, eq, producer, consumers):
     """The outputs of the piecewise sums when ``v`` is split and each piece is only
     added to the same piece of another value split alike, else ``None``.
 
@@ -410,12 +410,10 @@ class _Analysis:
       adds.append(pcs[0])
     # The other pieces: all outputs, in order, of one split alike of a value of v's
     # shape and dtype.
-    j = None
-    for i, e in enumerate(eq):
-      if jx.name(e) == jx.SPLIT and list(jx.outs(e)) == others:
-        j = i
-        break
-    if j is None or j == cs[0] or jx.split_layout(eq[j]) != jx.split_layout(split):
+    j = producer.get(others[0])
+    if (j is None or j == cs[0] or jx.name(eq[j]) != jx.SPLIT
+        or list(jx.outs(eq[j])) != others
+        or jx.split_layout(eq[j]) != jx.split_layout(split)):
       return None
     u = jx.ins(eq[j])[0]
     if (jx.is_literal(u) or jx.shape(u) != jx.shape(v) or jx.dtype(u) != jx.dtype(v)
@@ -463,7 +461,7 @@ class _Analysis:
             break
           v = nout
         key = (id(sc), id(v))
-        paired = self._split_pair(sc, v, eq, consumers)
+        paired = self._split_pair(sc, v, eq, producer, consumers)
         if paired is not None:  # negative: never the id of a variable
           key = (id(sc), -id(paired))
         use.probe_key[k] = key
